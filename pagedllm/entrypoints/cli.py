@@ -1,5 +1,50 @@
-"""CLI placeholder."""
+"""The `pagedllm` command line: one subcommand per job, each with its own --help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pagedllm.model.loader import ModelLoadError
 
 
-def main() -> None:
-    raise SystemExit(0)
+def _inspect(args: argparse.Namespace) -> int:
+    from pagedllm.entrypoints.inspect_model import describe, format_description
+
+    print(format_description(describe(args.model)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedllm", description="LLM inference and serving on PagedAttention."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = sub.add_parser(
+        "inspect",
+        help="show what a model file holds",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    inspect.add_argument(
+        "model", nargs="?", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)"
+    )
+    inspect.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ModelLoadError as e:
+        print(f"pagedllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

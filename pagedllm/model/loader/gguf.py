@@ -75,7 +75,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
-        raise ModelLoadError(path, f"truncated or corrupt GGUF header ({e})") from e
+        raise ModelLoadError(path, f"truncated or corrupt GGUF file ({e})") from e
     file_size = os.path.getsize(path)
     for tensor in reader.tensors:
         if tensor.tensor_type not in SUPPORTED_TYPES:

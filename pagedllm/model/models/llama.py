@@ -23,6 +23,19 @@ from pagedllm.model.layers.rotary import RotaryEmbedding, rope_frequencies
 from pagedllm.model.loader.errors import ModelLoadError
 
 
+def check_shapes(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: str | Path
+) -> None:
+    """Every expected tensor is present with its shape, or a ModelLoadError says which is not."""
+    for name, shape in expected.items():
+        if name not in found:
+            raise ModelLoadError(path, f"missing tensor {name!r}")
+        if found[name] != shape:
+            raise ModelLoadError(
+                path, f"tensor {name!r} has shape {found[name]}, expected {shape} for this config"
+            )
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelArchConfig) -> None:
         super().__init__()
@@ -156,15 +169,7 @@ class LlamaForCausalLM(nn.Module):
         device: torch.device,
     ) -> None:
         """Check names and shapes against the config, fuse projections, move to device."""
-        for name, shape in self.expected_shapes().items():
-            if name not in tensors:
-                raise ModelLoadError(path, f"missing tensor {name!r}")
-            if tuple(tensors[name].shape) != shape:
-                raise ModelLoadError(
-                    path,
-                    f"tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                    f"expected {shape} for this config",
-                )
+        check_shapes(self.expected_shapes(), {k: tuple(v.shape) for k, v in tensors.items()}, path)
         c = self.config
         state: dict[str, torch.Tensor] = {
             "embed_tokens.weight": tensors["model.embed_tokens.weight"],

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.loader.errors import ModelLoadError
-from pagedllm.model.models.llama import LlamaForCausalLM
+from pagedllm.model.models.llama import LlamaForCausalLM, check_shapes
 
 # Mistral and Qwen2 are Llama with small differences the config carries
 # (sliding window unused at these lengths; Qwen2's QKV bias).
@@ -27,3 +29,13 @@ def model_class_for(architecture: str, path: str | Path) -> type[nn.Module]:
         raise ModelLoadError(
             path, f"unknown architecture {architecture!r} (supported: {supported})"
         ) from None
+
+
+def validate_tensor_shapes(
+    config: ModelArchConfig, shapes: dict[str, tuple[int, ...]], path: str | Path
+) -> None:
+    """Check a file's tensor names and shapes against its architecture without loading data."""
+    cls = model_class_for(config.architecture, path)
+    with torch.device("meta"):  # no memory: only the expected shapes are wanted
+        expected = cls(config).expected_shapes()
+    check_shapes(expected, shapes, path)

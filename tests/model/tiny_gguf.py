@@ -1,0 +1,66 @@
+"""Writes small Llama-shaped GGUF files for loader tests (random weights, real layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+
+HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 100, 2
+
+
+def tiny_tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    head_dim = HIDDEN // HEADS
+    shapes = {"token_embd.weight": (VOCAB, HIDDEN), "output_norm.weight": (HIDDEN,)}
+    for i in range(LAYERS):
+        shapes |= {
+            f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN),
+            f"blk.{i}.attn_k.weight": (KV_HEADS * head_dim, HIDDEN),
+            f"blk.{i}.attn_v.weight": (KV_HEADS * head_dim, HIDDEN),
+            f"blk.{i}.attn_output.weight": (HIDDEN, HIDDEN),
+            f"blk.{i}.ffn_gate.weight": (FFN, HIDDEN),
+            f"blk.{i}.ffn_up.weight": (FFN, HIDDEN),
+            f"blk.{i}.ffn_down.weight": (HIDDEN, FFN),
+            f"blk.{i}.attn_norm.weight": (HIDDEN,),
+            f"blk.{i}.ffn_norm.weight": (HIDDEN,),
+        }
+    return {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in shapes.items()}
+
+
+def write_tiny_gguf(
+    path: Path,
+    arch: str = "llama",
+    drop: str | None = None,
+    reshape: tuple[str, tuple[int, ...]] | None = None,
+    raw_type: tuple[str, GGMLQuantizationType] | None = None,
+) -> Path:
+    """A 2-layer Llama GGUF; optionally without one tensor, with one of the wrong shape,
+    or with one stored as raw bytes of another GGML type."""
+    writer = GGUFWriter(str(path), arch=arch)
+    writer.add_block_count(LAYERS)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_context_length(256)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(VOCAB)
+    for name, value in tiny_tensors().items():
+        if name == drop:
+            continue
+        if reshape and name == reshape[0]:
+            value = np.zeros(reshape[1], dtype=np.float32)
+        if raw_type and name == raw_type[0]:
+            block, type_size = GGML_QUANT_SIZES[raw_type[1]]
+            byte_shape = (value.shape[0], value.shape[1] // block * type_size)
+            raw = np.zeros(byte_shape, np.uint8)
+            writer.add_tensor(name, raw, raw_shape=byte_shape, raw_dtype=raw_type[1])
+            continue
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
