@@ -273,3 +273,39 @@ def test_top_p_applies_to_what_top_k_kept():
     # (over the full distribution it would need three).
     assert set(draws(logits, 2000, top_k=3, top_p=0.6).tolist()) == {0, 1}
     assert set(draws(logits, 2000, top_k=2, top_p=0.99).tolist()) == {0, 1}
+
+
+def test_logprobs_zero_reports_only_the_sampled_token():
+    logits = make_logits(3)
+    out = sample(logits, [row(temperature=0, logprobs=0)] * 3)
+    assert out.logprobs.top_ids.shape == (3, 0)
+    assert torch.equal(out.logprobs.sampled_rank, torch.ones(3, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seeded_mixed_batch_on_cuda():
+    device = torch.device("cuda")
+    logits = make_logits(4, seed=8).to(device)
+
+    def rows():
+        seeded = RowSamplingState(
+            SamplingParams(seed=5, top_p=0.9, min_p=0.01, repetition_penalty=1.2),
+            [1, 2],
+            [3],
+            eos_token_id=0,
+            generator=seeded_generator(5, device),
+        )
+        return [
+            seeded,
+            row(temperature=0, logit_bias={4: 3.0}, logprobs=2),
+            row(top_k=3, frequency_penalty=0.5, min_tokens=2),
+        ]
+
+    def run(batch_logits, batch_rows):
+        meta = SamplingMetadata.from_requests(batch_rows, V, device)
+        return Sampler(torch.Generator(device).manual_seed(1))(batch_logits, meta)
+
+    out = run(logits[:3], rows())
+    assert out.sampled_token_ids.device.type == "cuda"
+    alone = run(logits[:1], rows()[:1])
+    assert out.sampled_token_ids[0] == alone.sampled_token_ids[0]
