@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+# The range torch.Generator.manual_seed accepts; larger seeds would crash the engine.
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64 - 1
 
 
 @dataclass
@@ -38,12 +41,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list("stop", self.stop)
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias is not None:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            self.logit_bias = _normalize_logit_bias(self.logit_bias)
         self._validate()
 
     def _validate(self) -> None:
@@ -52,7 +55,9 @@ class SamplingParams:
         _check_number("top_p", self.top_p, minimum=0.0, maximum=1.0)
         if self.top_p == 0.0:
             raise ValueError("top_p must be in (0, 1], got 0.0")
-        _check_int("top_k", self.top_k, minimum=0)
+        _check_int("top_k", self.top_k)
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
         _check_number("min_p", self.min_p, minimum=0.0, maximum=1.0)
         _check_number("repetition_penalty", self.repetition_penalty, minimum=0.0)
         if self.repetition_penalty == 0.0:
@@ -60,7 +65,7 @@ class SamplingParams:
         _check_number("presence_penalty", self.presence_penalty, minimum=-2.0, maximum=2.0)
         _check_number("frequency_penalty", self.frequency_penalty, minimum=-2.0, maximum=2.0)
         if self.seed is not None:
-            _check_int("seed", self.seed)
+            _check_int("seed", self.seed, minimum=_SEED_MIN, maximum=_SEED_MAX)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("min_tokens", self.min_tokens, minimum=0)
@@ -78,6 +83,9 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, minimum=0, maximum=20)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0, maximum=20)
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         if self.logit_bias is not None:
             for token_id, bias in self.logit_bias.items():
                 _check_int("logit_bias", token_id, minimum=0)
@@ -108,6 +116,32 @@ class BeamSearchParams:
         _check_int("beam_width", self.beam_width, minimum=1)
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_number("length_penalty", self.length_penalty)
+
+
+def _as_list(name: str, value: object) -> list:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    raise ValueError(f"{name} must be a list, got {value!r}")
+
+
+def _normalize_logit_bias(value: object) -> dict[int, float]:
+    """Token-id keys may arrive as strings (JSON objects); values as ints."""
+    if not isinstance(value, dict):
+        raise ValueError(f"logit_bias must be a dict of token id to bias, got {value!r}")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        token_id = key
+        if isinstance(key, str):
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        _check_int("logit_bias", token_id, minimum=0)
+        _check_number("logit_bias", bias, minimum=-100.0, maximum=100.0)
+        out[token_id] = float(bias)
+    return out
 
 
 def _check_int(

@@ -1,0 +1,1 @@
+"""The engine: request lifecycle from prompt to output."""
