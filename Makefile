@@ -20,11 +20,13 @@ lint: setup
 	$(VENV)/bin/ruff check pagedllm tests
 	$(VENV)/bin/ruff format --check pagedllm tests
 
+# The core (pure Python bookkeeping) runs first under a branch-coverage gate.
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/core --cov=pagedllm/core --cov-branch --cov-fail-under=95 --cov-report=term-missing:skip-covered
+	$(PY) -m pytest -q --ignore=tests/core
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/core
 
 serve: setup
 	$(VENV)/bin/pagedllm serve --host 127.0.0.1 --port 8000

@@ -1,0 +1,139 @@
+"""Tensors in, tokens out: one scheduler step becomes one flat forward and one sampling call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention import AttentionMetadata
+from pagedllm.core.sched_output import SchedulerOutput
+from pagedllm.request import Request
+from pagedllm.sample.logprobs import LogprobsTensors
+from pagedllm.sample.metadata import RowSamplingState, SamplingMetadata, seeded_generator
+from pagedllm.sample.sampler import Sampler
+from pagedllm.worker.kv_cache import copy_blocks
+
+
+@dataclass
+class SampledRow:
+    """What one request sampled this step (n > 1 prefills sample n tokens at once)."""
+
+    token_ids: list[int]
+    # per token: (top ids, top logprobs, sampled logprob, sampled rank)
+    logprobs: list[tuple[list[int], list[float], float, int]] | None = None
+
+
+class ModelRunner:
+    """Owns the model, its KV cache and the per-request random streams."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.vocab_size = model.config.vocab_size
+        self.sampler = Sampler()
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator_for(self, request: Request) -> torch.Generator | None:
+        """The request's own random stream when it is seeded, made on first use."""
+        seed = request.sampling_params.seed
+        if seed is None:
+            return None
+        generator = self._generators.get(request.request_id)
+        if generator is None:
+            generator = seeded_generator(seed, self.device)
+            self._generators[request.request_id] = generator
+        return generator
+
+    def fork_generator(self, parent_id: str, child_id: str, index: int) -> None:
+        """A seeded child's stream: derived from the parent's seed and its index."""
+        parent = self._generators.get(parent_id)
+        if parent is not None:
+            seed = (parent.initial_seed() * 1_000_003 + index) % (2**63)
+            self._generators[child_id] = seeded_generator(seed, self.device)
+
+    def release(self, request_ids: set[str] | list[str]) -> None:
+        for request_id in request_ids:
+            self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        output: SchedulerOutput,
+        requests: dict[str, Request],
+        num_samples: dict[str, int] | None = None,
+    ) -> dict[str, SampledRow]:
+        """Run one step; returns the sampled tokens of every request that samples.
+
+        `num_samples` asks for more than one token from a request's last row (the
+        first tokens of an n > 1 request, drawn together from its prompt's logits).
+        """
+        copy_blocks(self.kv_caches, output.block_copies)
+        scheduled = output.scheduled_requests
+        if not scheduled:
+            return {}
+        input_ids: list[int] = []
+        seq_lens, query_lens, tables = [], [], []
+        for s in scheduled:
+            input_ids.extend(s.token_ids)
+            seq_lens.append(s.num_computed_tokens_before + s.num_new_tokens)
+            query_lens.append(s.num_new_tokens)
+            tables.append(output.block_tables[s.request_id])
+        meta = AttentionMetadata.build(seq_lens, query_lens, tables, self.block_size, self.device)
+        hidden = self.model(
+            torch.tensor(input_ids, device=self.device), meta.positions(), self.kv_caches, meta
+        )
+        # logits only for the rows that sample: each sampling request's last token
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        if not sampling:
+            return {}
+        last_rows = meta.query_start_loc[1:][sampling] - 1
+        logits = self.model.compute_logits(hidden[last_rows])
+
+        rows: list[RowSamplingState] = []
+        row_logits: list[int] = []
+        owners: list[str] = []
+        for j, i in enumerate(sampling):
+            request = requests[scheduled[i].request_id]
+            # the n first draws of an n > 1 request all come from its prompt's row and,
+            # when seeded, from its one stream, advanced draw after draw
+            generator = self.generator_for(request)
+            for _ in range((num_samples or {}).get(request.request_id, 1)):
+                rows.append(
+                    RowSamplingState(
+                        params=request.sampling_params,
+                        prompt_token_ids=request.prompt_token_ids,
+                        output_token_ids=request.output_token_ids,
+                        eos_token_id=request.eos_token_id,
+                        generator=generator,
+                    )
+                )
+                row_logits.append(j)
+                owners.append(request.request_id)
+        if len(row_logits) != logits.shape[0]:
+            logits = logits[torch.tensor(row_logits, device=logits.device)]
+        meta_s = SamplingMetadata.from_requests(rows, self.vocab_size, self.device)
+        out = self.sampler(logits, meta_s)
+        tokens = out.sampled_token_ids.tolist()
+        logprob_rows = _logprob_rows(out.logprobs)
+        result: dict[str, SampledRow] = {}
+        for row, request_id in enumerate(owners):
+            sampled = result.setdefault(request_id, SampledRow([], [] if logprob_rows else None))
+            sampled.token_ids.append(tokens[row])
+            if logprob_rows is not None and sampled.logprobs is not None:
+                sampled.logprobs.append(logprob_rows[row])
+        return result
+
+
+def _logprob_rows(
+    tensors: LogprobsTensors | None,
+) -> list[tuple[list[int], list[float], float, int]] | None:
+    return None if tensors is None else tensors.tolist()
