@@ -223,17 +223,19 @@ def test_priority_victim_already_scheduled_this_step_is_unscheduled():
     sched, worker = make_scheduler(
         num_blocks=4, block_size=4, max_num_batched_tokens=64, policy="priority"
     )
-    sched.add_request(make_request("low", 7, max_tokens=6, priority=5, arrival_time=0))
+    sched.add_request(make_request("low", 5, max_tokens=6, priority=5, arrival_time=0))
     worker.step()
     sched.add_request(make_request("high", [9] * 7, max_tokens=6, priority=0, arrival_time=1))
     worker.step()
+    worker.step()
     assert [r.request_id for r in sched.running] == ["low", "high"]
-    worker.step()  # low is scheduled first, then high needs a block
+    assert sched.kv_cache_manager.get_num_free_blocks() == 0
+    worker.step()  # low decodes in place, then high needs a third block
     out = worker.last_output
     assert out.preempted_req_ids == ["low"]
     assert list(out.num_scheduled_tokens) == ["high"]
     assert out.total_num_scheduled_tokens == 1
-    run_to_completion(worker)
+    assert run_to_completion(worker) == ["high", "low"]
 
 
 def test_request_preempts_itself_when_it_is_the_last_resort():
