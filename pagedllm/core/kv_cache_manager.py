@@ -206,8 +206,7 @@ class KVCacheManager:
                 or first_written >= len(blocks)
                 or (blocks[first_written].ref_cnt == 1 and first_written == len(blocks) - 1)
             ):
-                if num_total > seq.num_tokens:
-                    seq.num_tokens = num_total
+                seq.num_tokens = max(seq.num_tokens, num_total)
                 return []
 
         # Shared blocks this step writes into must be copied first.

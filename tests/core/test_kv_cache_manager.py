@@ -265,3 +265,13 @@ def test_check_invariants_catches_a_stale_hash_chain():
     req.all_token_ids[0] = 99  # tokens changed behind the manager's back
     with pytest.raises(AssertionError, match="stale"):
         kv.check_invariants({"a"}, {"a": req})
+
+
+def test_prefix_hit_alone_allocates_no_new_block():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    compute(kv, make_request("a", 9), 9)
+    req = make_request("b", 9)
+    hit = kv.get_computed_blocks(req)
+    assert compute(kv, req, 0, hit) == kv.get_block_ids("a")[:2]
+    assert kv.take_pending_copies() == []
+    kv.check_invariants({"a", "b"})
