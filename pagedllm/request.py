@@ -123,18 +123,22 @@ class Request:
         it is. Stop strings are the output processor's job, not this one.
         """
         params = self.sampling_params
-        if self.output_token_ids and self.num_output_tokens >= params.min_tokens:
-            last = self.output_token_ids[-1]
+        output = self.output_token_ids
+        num_output = len(output)
+        if num_output and num_output >= params.min_tokens:
+            last = output[-1]
             if last == self.eos_token_id and not params.ignore_eos:
                 self.status = RequestStatus.FINISHED_STOPPED
                 return True
-            if last in params.stop_token_ids:
+            if params.stop_token_ids and last in params.stop_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED
                 self.stop_reason = last
                 return True
-        max_tokens = self.max_tokens
-        if (max_tokens is not None and self.num_output_tokens >= max_tokens) or (
-            self.num_tokens >= max_model_len
+        max_tokens = self._max_tokens
+        if max_tokens is None:
+            max_tokens = params.max_tokens
+        if (max_tokens is not None and num_output >= max_tokens) or (
+            len(self.all_token_ids) >= max_model_len
         ):
             self.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True

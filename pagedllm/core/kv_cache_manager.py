@@ -86,7 +86,7 @@ class KVCacheStats:
         return self.num_token_slots_used / allocated if allocated else 1.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _SeqBlocks:
     """What the manager knows about one sequence."""
 
@@ -187,27 +187,26 @@ class KVCacheManager:
         if seq is None:
             seq = self._seqs[request.request_id] = _SeqBlocks()
         blocks = seq.blocks
-        if new_computed_blocks and blocks:
+        size = self.block_size
+        num_computed = request.num_computed_tokens + num_new_computed_tokens
+        num_total = num_computed + num_new_tokens
+        if not new_computed_blocks:
+            # Fast path, every decode step but one in block_size: the tokens land in
+            # the last block, which this sequence holds alone.
+            num_blocks = len(blocks)
+            if num_total <= num_blocks * size and (
+                num_new_tokens == 0
+                or (num_computed // size == num_blocks - 1 and blocks[-1].ref_cnt == 1)
+            ):
+                if num_total > seq.num_tokens:
+                    seq.num_tokens = num_total
+                return []
+        elif blocks:
             raise ValueError(
                 f"request {request.request_id!r} already has blocks; prefix hits apply only "
                 "to its first allocation"
             )
-        num_computed = request.num_computed_tokens + num_new_computed_tokens
-        num_total = num_computed + num_new_tokens
-        size = self.block_size
-        num_have = len(blocks) + len(new_computed_blocks)
-        num_new_blocks = max(0, -(-num_total // size) - num_have)
-
-        # Fast path, every decode step but one in block_size: nothing to allocate.
-        if num_new_blocks == 0 and not new_computed_blocks:
-            first_written = num_computed // size
-            if (
-                num_new_tokens == 0
-                or first_written >= len(blocks)
-                or (blocks[first_written].ref_cnt == 1 and first_written == len(blocks) - 1)
-            ):
-                seq.num_tokens = max(seq.num_tokens, num_total)
-                return []
+        num_new_blocks = max(0, -(-num_total // size) - len(blocks) - len(new_computed_blocks))
 
         # Shared blocks this step writes into must be copied first.
         cow = []
@@ -319,6 +318,15 @@ class KVCacheManager:
         """The request's block table (a copy), empty if it holds no blocks."""
         seq = self._seqs.get(request_id)
         return [] if seq is None else list(seq.block_ids)
+
+    def get_block_table(self, request_id: str) -> list[int]:
+        """The request's block table itself, without a copy: read it, never change it.
+
+        It changes when the request is next given slots or freed; the scheduler
+        hands these out once per step, where copying 256 tables would cost more
+        than the rest of the step.
+        """
+        return self._seqs[request_id].block_ids
 
     def holds_blocks(self, request_id: str) -> bool:
         seq = self._seqs.get(request_id)

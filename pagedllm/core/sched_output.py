@@ -36,7 +36,8 @@ class SchedulerOutput:
     The worker performs ``block_copies`` (copy-on-write, source to destination, in
     order) before running the step, drops its state for ``finished_req_ids`` and
     ``preempted_req_ids``, and reads each scheduled request's block table from
-    ``block_tables`` (a copy taken at schedule time; it may change next step).
+    ``block_tables``. Those are the scheduler's own lists, shared to save a copy
+    per request per step: read them before the next ``schedule()``, never change them.
     """
 
     scheduled_requests: list[ScheduledRequest] = field(default_factory=list)

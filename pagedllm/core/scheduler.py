@@ -119,22 +119,25 @@ class Scheduler:
         kv = self.kv_cache_manager
         budget = cfg.max_num_batched_tokens
         max_seqs = cfg.max_num_seqs
-        chunked = cfg.enable_chunked_prefill
         scheduled: list[ScheduledRequest] = []
         num_scheduled: dict[str, int] = {}
         preempted: list[str] = []
         running = self.running
+        allocate_slots = kv.allocate_slots
 
         i = 0
         while i < len(running) and budget > 0 and len(scheduled) < max_seqs:
             request = running[i]
             before = request.num_computed_tokens
-            num_new = request.num_tokens - before
-            if num_new <= 0 or (not chunked and num_new > budget):
+            num_new = len(request.all_token_ids) - before
+            # Running requests are past their prompt (a prompt without chunking is
+            # admitted whole), so only a chunked prefill is ever cut to the budget.
+            if num_new > budget:
+                num_new = budget
+            elif num_new <= 0:
                 i += 1
                 continue
-            num_new = min(num_new, budget)
-            new_ids = kv.allocate_slots(request, num_new)
+            new_ids = allocate_slots(request, num_new)
             while new_ids is None:
                 victim_index = self._victim_index()
                 victim = running.pop(victim_index)
@@ -148,10 +151,22 @@ class Scheduler:
                 preempted.append(victim.request_id)
                 if victim is request:
                     break
-                new_ids = kv.allocate_slots(request, num_new)
+                new_ids = allocate_slots(request, num_new)
             if new_ids is None:
                 continue  # the request preempted itself; running[i] is the next one
-            scheduled.append(self._scheduled(request, before, num_new, new_ids))
+            after = before + num_new
+            request.num_computed_tokens = after
+            tokens = request.all_token_ids
+            scheduled.append(
+                ScheduledRequest(
+                    request.request_id,
+                    num_new,
+                    before,
+                    new_ids,
+                    after < len(tokens),
+                    tokens[before:after],
+                )
+            )
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             i += 1
@@ -164,7 +179,7 @@ class Scheduler:
             scheduled_requests=scheduled,
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
-            block_tables={s.request_id: kv.get_block_ids(s.request_id) for s in scheduled},
+            block_tables={s.request_id: kv.get_block_table(s.request_id) for s in scheduled},
             block_copies=kv.take_pending_copies(),
             preempted_req_ids=preempted,
             finished_req_ids=self.finished_req_ids,
@@ -219,7 +234,7 @@ class Scheduler:
             num_new,
             before,
             new_ids,
-            after < request.num_tokens,
+            after < len(request.all_token_ids),
             request.all_token_ids[before:after],
         )
 
@@ -258,17 +273,21 @@ class Scheduler:
         Requests still mid-prefill sample nothing. Returns the requests that
         finished in this step; their blocks are already freed.
         """
-        kv = self.kv_cache_manager
+        cache_blocks = self.kv_cache_manager.cache_blocks
+        requests = self.requests
+        running = RequestStatus.RUNNING
         max_len = self.max_model_len
         finished: list[Request] = []
         for sched in scheduler_output.scheduled_requests:
-            request = self.requests.get(sched.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            request_id = sched.request_id
+            request = requests.get(request_id)
+            if request is None or request.status is not running:
                 continue  # aborted since the step was scheduled
-            kv.cache_blocks(request, request.num_computed_tokens)
-            if request.num_computed_tokens < request.num_tokens:
+            num_computed = request.num_computed_tokens
+            cache_blocks(request, num_computed)
+            if num_computed < len(request.all_token_ids):
                 continue
-            for token_id in sampled_token_ids.get(sched.request_id, ()):
+            for token_id in sampled_token_ids.get(request_id, ()):
                 request.append_output_token_ids(token_id)
                 if request.check_stop(max_len):
                     finished.append(request)

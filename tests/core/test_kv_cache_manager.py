@@ -26,6 +26,7 @@ def test_allocates_a_block_only_when_the_last_is_full():
     assert compute(kv, req, 6) == [0, 1]  # 6 tokens: one full block, one partial
     req.append_output_token_ids(9)
     assert compute(kv, req, 1) == []  # slot 7 of 8: no new block
+    assert kv.allocate_slots(req, 0) == []  # nothing new: nothing changes
     req.append_output_token_ids(9)
     assert compute(kv, req, 1) == []
     req.append_output_token_ids(9)
