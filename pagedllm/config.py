@@ -1,0 +1,84 @@
+"""Engine configuration: the one source of truth for every tunable.
+
+Each dataclass validates its own fields at construction, with an error naming the
+field and the value, so the rest of the engine can trust what it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SCHEDULER_POLICIES = ("fcfs", "priority")
+
+
+@dataclass
+class CacheConfig:
+    """Shape of the paged KV cache and whether full blocks are shared by content."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from kv_cache_memory / free device memory
+    enable_prefix_caching: bool = True
+    kv_cache_memory: float | None = None  # GiB; None: let the worker decide
+
+    def __post_init__(self) -> None:
+        _check_int("block_size", self.block_size, minimum=1, maximum=1024)
+        if self.block_size & (self.block_size - 1):
+            # Attention kernels index slots with shifts and masks.
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None:
+            _check_int("num_blocks", self.num_blocks, minimum=1)
+        _check_bool("enable_prefix_caching", self.enable_prefix_caching)
+        if self.kv_cache_memory is not None:
+            if isinstance(self.kv_cache_memory, bool) or not isinstance(
+                self.kv_cache_memory, int | float
+            ):
+                raise ValueError(f"kv_cache_memory must be a number, got {self.kv_cache_memory!r}")
+            if not math.isfinite(self.kv_cache_memory) or self.kv_cache_memory <= 0:
+                raise ValueError(
+                    f"kv_cache_memory must be a positive number of GiB, got {self.kv_cache_memory}"
+                )
+
+
+@dataclass
+class SchedulerConfig:
+    """Limits of one scheduling step and the order in which requests are served."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # or "priority": lower Request.priority value is served first
+    max_waiting: int | None = None  # None: unbounded waiting queue
+
+    def __post_init__(self) -> None:
+        _check_int("max_num_seqs", self.max_num_seqs, minimum=1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, minimum=1)
+        _check_int("max_model_len", self.max_model_len, minimum=2)
+        _check_bool("enable_chunked_prefill", self.enable_chunked_prefill)
+        if self.policy not in SCHEDULER_POLICIES:
+            raise ValueError(f"policy must be one of {SCHEDULER_POLICIES}, got {self.policy!r}")
+        if self.max_waiting is not None:
+            _check_int("max_waiting", self.max_waiting, minimum=1)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a prompt runs whole in one step, so a prompt as long as
+            # the context must fit in one step's budget or it would wait forever.
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_model_len when chunked prefill is off, "
+                f"got max_num_batched_tokens={self.max_num_batched_tokens} and "
+                f"max_model_len={self.max_model_len}"
+            )
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a boolean, got {value!r}")

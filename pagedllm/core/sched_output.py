@@ -1,0 +1,72 @@
+"""What one scheduling step decided, as plain data for the worker and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step.
+
+    The step computes ``token_ids`` at positions ``num_computed_tokens_before`` to
+    ``num_computed_tokens_before + num_new_tokens - 1``. ``is_prefill_chunk`` is
+    True when tokens remain to be computed after this step: no token is sampled
+    for the request (a partial prefill). Otherwise the request samples from the
+    logits of its last scheduled position.
+    """
+
+    request_id: str
+    num_new_tokens: int
+    num_computed_tokens_before: int
+    new_block_ids: list[int]  # appended to the block table this step (new request: all)
+    is_prefill_chunk: bool
+    token_ids: list[int]  # the tokens whose KV this step computes
+
+    @property
+    def samples(self) -> bool:
+        """Whether a token is sampled for this request after the step."""
+        return not self.is_prefill_chunk
+
+
+@dataclass
+class SchedulerOutput:
+    """A step's batch, in batch order, and the bookkeeping the worker acts on first.
+
+    The worker performs ``block_copies`` (copy-on-write, source to destination, in
+    order) before running the step, drops its state for ``finished_req_ids`` and
+    ``preempted_req_ids``, and reads each scheduled request's block table from
+    ``block_tables``. Those are the scheduler's own lists, shared to save a copy
+    per request per step: read them before the next ``schedule()``, never change them.
+    """
+
+    scheduled_requests: list[ScheduledRequest] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    block_tables: dict[str, list[int]] = field(default_factory=dict)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+    finished_req_ids: set[str] = field(default_factory=set)  # since the previous step
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no token is computed this step."""
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class SchedulerStats:
+    """Counters and gauges for metrics (``pagedllm:`` Prometheus names in comments)."""
+
+    num_running: int = 0  # num_requests_running
+    num_waiting: int = 0  # num_requests_waiting
+    kv_cache_usage: float = 0.0  # kv_cache_usage_perc, as a fraction
+    prefix_cache_queries: int = 0  # prefix_cache_queries (tokens)
+    prefix_cache_hits: int = 0  # prefix_cache_hits (tokens)
+    num_preemptions_total: int = 0  # num_preemptions_total
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )

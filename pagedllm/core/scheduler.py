@@ -1,0 +1,431 @@
+"""Iteration-level scheduling: which requests run in the next step, and how far.
+
+One rule covers prefill, chunked prefill, decode, prefix hits and resumption
+after preemption: each step moves every chosen request's ``num_computed_tokens``
+toward its ``num_tokens``, within the step's token budget. Running requests are
+served first, in admission order (one decode token each, or their next prefill
+chunk); waiting requests are admitted after them while budget, sequence slots and
+free blocks last. When a running request cannot get a block, the most recently
+admitted request (under "priority": the lowest priority one) is preempted: its
+blocks are freed and it goes back to the head of the waiting queue to be
+recomputed later, taking back whatever of its KV survived in the prefix cache.
+
+The engine calls, per step and in this order: ``schedule()``, the model on the
+returned batch, ``update_from_output()``. Aborts (``finish_requests``), new
+arrivals and forks happen between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pagedllm.config import CacheConfig, SchedulerConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request_queue import make_request_queue
+from pagedllm.core.sched_output import ScheduledRequest, SchedulerOutput, SchedulerStats
+from pagedllm.request import Request, RequestStatus
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at ``max_waiting``: try again later (HTTP 503)."""
+
+
+class Scheduler:
+    """Decides each step's batch and owns every unfinished request's state."""
+
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+    ) -> None:
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.max_model_len = scheduler_config.max_model_len
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting = make_request_queue(scheduler_config.policy)
+        self.running: list[Request] = []  # in admission order; forks follow their parent
+        self.finished_req_ids: set[str] = set()  # since the last schedule()
+        self.num_preemptions_total = 0
+
+    # ---------------------------------------------------------------- intake
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request, or refuse it now if it could never run to the end.
+
+        Raises ValueError (request marked FINISHED_IGNORED) when its prompt plus
+        max_tokens exceeds the model's context or the whole KV pool, and
+        QueueFullError when the waiting queue is full.
+        """
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(
+                f"request {request.request_id!r} must be new (WAITING, nothing computed), "
+                f"got status {request.status.name}"
+            )
+        request.resolve_max_tokens(self.max_model_len)
+        problem = self._never_fits(request)
+        if problem is not None:
+            request.status = RequestStatus.FINISHED_IGNORED
+            raise ValueError(f"request {request.request_id!r} rejected: {problem}")
+        max_waiting = self.scheduler_config.max_waiting
+        if max_waiting is not None and len(self.waiting) >= max_waiting:
+            raise QueueFullError(
+                f"request {request.request_id!r} refused: {len(self.waiting)} requests are "
+                f"already waiting (max_waiting={max_waiting})"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def _never_fits(self, request: Request) -> str | None:
+        """Why the request can never finish here, or None if it can."""
+        num_prompt = request.num_prompt_tokens
+        max_len = self.max_model_len
+        if num_prompt == 0:
+            return "the prompt is empty"
+        if num_prompt >= max_len:
+            return (
+                f"the prompt has {num_prompt} tokens but max_model_len is {max_len}, "
+                "leaving no room for output"
+            )
+        max_tokens = request.max_tokens
+        assert max_tokens is not None  # resolved by the caller
+        if num_prompt + max_tokens > max_len:
+            return (
+                f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is "
+                f"{num_prompt + max_tokens} tokens, more than max_model_len ({max_len}); "
+                f"set max_tokens to at most {max_len - num_prompt}"
+            )
+        # The last sampled token is never fed back, so it needs no KV slot.
+        num_blocks = self.kv_cache_manager.num_blocks_for(num_prompt + max_tokens - 1)
+        if num_blocks > self.kv_cache_manager.num_blocks:
+            return (
+                f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) needs up to "
+                f"{num_blocks} KV-cache blocks but the whole cache has "
+                f"{self.kv_cache_manager.num_blocks}"
+            )
+        return None
+
+    # -------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose the next step's batch; advances each chosen request's computed tokens."""
+        cfg = self.scheduler_config
+        kv = self.kv_cache_manager
+        budget = cfg.max_num_batched_tokens
+        max_seqs = cfg.max_num_seqs
+        scheduled: list[ScheduledRequest] = []
+        num_scheduled: dict[str, int] = {}
+        preempted: list[str] = []
+        running = self.running
+        allocate_slots = kv.allocate_slots
+
+        i = 0
+        while i < len(running) and budget > 0 and len(scheduled) < max_seqs:
+            request = running[i]
+            before = request.num_computed_tokens
+            num_new = len(request.all_token_ids) - before
+            # Running requests are past their prompt (a prompt without chunking is
+            # admitted whole), so only a chunked prefill is ever cut to the budget.
+            if num_new > budget:
+                num_new = budget
+            elif num_new <= 0:
+                i += 1
+                continue
+            new_ids = allocate_slots(request, num_new)
+            while new_ids is None:
+                victim_index = self._victim_index()
+                victim = running.pop(victim_index)
+                if victim.request_id in num_scheduled:
+                    # Only under "priority": give back what it was given this step.
+                    budget += num_scheduled.pop(victim.request_id)
+                    scheduled = [s for s in scheduled if s.request_id != victim.request_id]
+                if victim_index < i:
+                    i -= 1
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+                new_ids = allocate_slots(request, num_new)
+            if new_ids is None:
+                continue  # the request preempted itself; running[i] is the next one
+            after = before + num_new
+            request.num_computed_tokens = after
+            tokens = request.all_token_ids
+            scheduled.append(
+                ScheduledRequest(
+                    request.request_id,
+                    num_new,
+                    before,
+                    new_ids,
+                    after < len(tokens),
+                    tokens[before:after],
+                )
+            )
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            i += 1
+
+        # Admitting while preempting would only preempt again next step.
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled, num_scheduled)
+
+        output = SchedulerOutput(
+            scheduled_requests=scheduled,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
+            block_tables={s.request_id: kv.get_block_table(s.request_id) for s in scheduled},
+            block_copies=kv.take_pending_copies(),
+            preempted_req_ids=preempted,
+            finished_req_ids=self.finished_req_ids,
+        )
+        self.finished_req_ids = set()
+        return output
+
+    def _admit_waiting(
+        self,
+        budget: int,
+        scheduled: list[ScheduledRequest],
+        num_scheduled: dict[str, int],
+    ) -> int:
+        """Move waiting requests to running while budget, slots and blocks last."""
+        cfg = self.scheduler_config
+        kv = self.kv_cache_manager
+        waiting = self.waiting
+        while (
+            waiting
+            and budget > 0
+            and len(self.running) < cfg.max_num_seqs
+            and len(scheduled) < cfg.max_num_seqs
+        ):
+            request = waiting.peek()
+            computed_blocks, num_hit = kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit
+            if not cfg.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            new_ids = kv.allocate_slots(request, num_new, computed_blocks, num_hit)
+            if new_ids is None:
+                break  # keep the order: nobody overtakes the head of the queue
+            waiting.pop()
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_hit, num_new, new_ids))
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+        return budget
+
+    @staticmethod
+    def _scheduled(
+        request: Request, before: int, num_new: int, new_ids: list[int]
+    ) -> ScheduledRequest:
+        after = before + num_new
+        request.num_computed_tokens = after
+        return ScheduledRequest(
+            request.request_id,
+            num_new,
+            before,
+            new_ids,
+            after < len(request.all_token_ids),
+            request.all_token_ids[before:after],
+        )
+
+    def _victim_index(self) -> int:
+        """Index in ``running`` of the request to preempt next."""
+        running = self.running
+        if self.scheduler_config.policy == "priority":
+            # Lowest priority (largest value), then latest arrival, then latest admitted.
+            best = len(running) - 1
+            best_key = (running[best].priority, running[best].arrival_time)
+            for j in range(len(running) - 2, -1, -1):
+                key = (running[j].priority, running[j].arrival_time)
+                if key > best_key:
+                    best, best_key = j, key
+            return best
+        return len(running) - 1
+
+    def _preempt(self, request: Request) -> None:
+        """Free the request's blocks and queue it for recomputation."""
+        self.kv_cache_manager.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.prepend(request)
+
+    # ---------------------------------------------------------------- update
+
+    def update_from_output(
+        self,
+        scheduler_output: SchedulerOutput,
+        sampled_token_ids: dict[str, list[int]],
+    ) -> list[Request]:
+        """Record a finished step: cache full blocks, append sampled tokens, stop.
+
+        Requests still mid-prefill sample nothing. Returns the requests that
+        finished in this step; their blocks are already freed.
+        """
+        cache_blocks = self.kv_cache_manager.cache_blocks
+        requests = self.requests
+        running = RequestStatus.RUNNING
+        max_len = self.max_model_len
+        finished: list[Request] = []
+        for sched in scheduler_output.scheduled_requests:
+            request_id = sched.request_id
+            request = requests.get(request_id)
+            if request is None or request.status is not running:
+                continue  # aborted since the step was scheduled
+            num_computed = request.num_computed_tokens
+            cache_blocks(request, num_computed)
+            if num_computed < len(request.all_token_ids):
+                continue
+            for token_id in sampled_token_ids.get(request_id, ()):
+                request.append_output_token_ids(token_id)
+                if request.check_stop(max_len):
+                    finished.append(request)
+                    break
+        if finished:
+            for request in finished:
+                self._release(request)
+            self.running = [r for r in self.running if not r.is_finished]
+        return finished
+
+    def finish_requests(
+        self, request_ids: str | Iterable[str], status: RequestStatus
+    ) -> list[Request]:
+        """End requests from outside (abort, stop string) and free all they hold.
+
+        Unknown or already finished ids are ignored, so an abort racing a
+        natural finish is harmless. Returns the requests finished by this call.
+        """
+        if not status.is_finished:
+            raise ValueError(f"status must be a finished status, got {status.name}")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        done: list[Request] = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status is not RequestStatus.RUNNING:
+                self.waiting.remove(request)
+            request.status = status
+            self._release(request)
+            done.append(request)
+        if done:
+            self.running = [r for r in self.running if not r.is_finished]
+        return done
+
+    def _release(self, request: Request) -> None:
+        self.kv_cache_manager.free(request.request_id)
+        del self.requests[request.request_id]
+        self.finished_req_ids.add(request.request_id)
+
+    # ------------------------------------------------------------------ fork
+
+    def fork_request(self, parent_id: str, children: list[Request]) -> None:
+        """Add children that share every block of a running parent (n > 1, beams).
+
+        Call between ``update_from_output`` and the next ``schedule``. Each child
+        (see ``Request.fork``) must agree with the parent on every token whose KV
+        is computed and have at least one more to compute; it may differ in the
+        last, not yet computed token (beam search). Children run right after the
+        parent. All-or-nothing: on ValueError nothing has changed.
+        """
+        parent = self.requests.get(parent_id)
+        if parent is None or parent.status is not RequestStatus.RUNNING:
+            raise ValueError(f"cannot fork {parent_id!r}: it is not a running request")
+        num_computed = parent.num_computed_tokens
+        prefix = parent.all_token_ids[:num_computed]
+        seen: set[str] = set()
+        for child in children:
+            cid = child.request_id
+            if cid in self.requests or cid in seen:
+                raise ValueError(f"cannot fork into {cid!r}: request_id already in use")
+            seen.add(cid)
+            if child.prompt_token_ids != parent.prompt_token_ids:
+                raise ValueError(f"fork child {cid!r} must have its parent's prompt")
+            if child.num_tokens <= num_computed or child.all_token_ids[:num_computed] != prefix:
+                raise ValueError(
+                    f"fork child {cid!r} must share the parent's {num_computed} computed "
+                    "tokens and have a token left to compute"
+                )
+            child.resolve_max_tokens(self.max_model_len)
+            problem = self._never_fits(child)
+            if problem is None and child.num_output_tokens >= (child.max_tokens or 0):
+                problem = f"it already has max_tokens ({child.max_tokens}) output tokens"
+            if problem is not None:
+                raise ValueError(f"cannot fork into {cid!r}: {problem}")
+
+        for child in children:
+            self.kv_cache_manager.fork(parent_id, child.request_id)
+            child.parent_id = parent_id
+            child.status = RequestStatus.RUNNING
+            child.num_computed_tokens = num_computed
+            child.num_cached_tokens = parent.num_cached_tokens
+            self.requests[child.request_id] = child
+        at = self.running.index(parent) + 1
+        self.running[at:at] = children
+
+    # --------------------------------------------------------------- queries
+
+    def get_request(self, request_id: str) -> Request | None:
+        """An unfinished request by id (finished ones are forgotten)."""
+        return self.requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks in use, in [0, 1]."""
+        return self.kv_cache_manager.get_usage()
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """A snapshot of the gauges and counters the metrics module exports."""
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=kv.get_usage(),
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions_total=self.num_preemptions_total,
+        )
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless queues, requests and blocks agree (tests, debug)."""
+        kv = self.kv_cache_manager
+        assert len(self.running) + len(self.waiting) == len(self.requests), "lost a request"
+        for request in self.running:
+            assert request.status is RequestStatus.RUNNING, f"{request.request_id} not RUNNING"
+            assert self.requests.get(request.request_id) is request
+            assert request.num_computed_tokens <= request.num_tokens
+            num_slots = len(kv.get_block_ids(request.request_id)) * self.block_size
+            assert num_slots >= request.num_computed_tokens, "computed tokens without slots"
+        for request in self.waiting:
+            assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert self.requests.get(request.request_id) is request
+            assert request.num_computed_tokens == 0
+            assert not kv.holds_blocks(request.request_id), "a waiting request holds blocks"
+        kv.check_invariants(self.requests.keys(), self.requests)

@@ -1,0 +1,95 @@
+"""A stand-in for the model runner that checks what the scheduler asks of it.
+
+Its "KV cache" stores, in each slot, the token id computed at that position. It
+performs the block copies, writes every scheduled token, and checks that no
+shared or cached block is written in place and that every scheduled request can
+read its whole context back, token for token, through its block table: a wrong
+prefix hit, a missed copy-on-write or a reused live block all show up here.
+"""
+
+from __future__ import annotations
+
+import random
+
+from pagedllm.core.kv_cache_manager import hash_request_tokens, request_extra_keys
+from pagedllm.core.sched_output import SchedulerOutput
+from pagedllm.core.scheduler import Scheduler
+
+
+class FakeWorker:
+    def __init__(self, scheduler: Scheduler, vocab_size: int = 50, seed: int = 0) -> None:
+        self.scheduler = scheduler
+        kv = scheduler.kv_cache_manager
+        self.block_size = kv.block_size
+        self.slots: list[list[int | None]] = [[None] * kv.block_size for _ in range(kv.num_blocks)]
+        self.chains: dict[bytes, list[int]] = {}  # block hash -> that block's tokens
+        self.rng = random.Random(seed)
+        self.vocab_size = vocab_size
+        self.next_tokens: dict[str, list[int]] = {}  # forced samples, per request
+
+    def execute(self, output: SchedulerOutput) -> dict[str, list[int]]:
+        """Run the step; return one sampled token per request that samples."""
+        kv = self.scheduler.kv_cache_manager
+        blocks = kv.block_pool.blocks
+        size = self.block_size
+        # Copies first, as one gather then scatter.
+        gathered = [list(self.slots[src]) for src, _ in output.block_copies]
+        for (_, dst), data in zip(output.block_copies, gathered, strict=True):
+            self.slots[dst] = data
+        sampled: dict[str, list[int]] = {}
+        for sched in output.scheduled_requests:
+            request = self.scheduler.get_request(sched.request_id)
+            assert request is not None
+            table = output.block_tables[sched.request_id]
+            assert table == kv.get_block_ids(sched.request_id)
+            start = sched.num_computed_tokens_before
+            end = start + sched.num_new_tokens
+            assert sched.token_ids == request.all_token_ids[start:end]
+            assert len(table) * size >= end, "too few blocks for the scheduled tokens"
+            for pos in range(start, end):
+                block = blocks[table[pos // size]]
+                assert block.ref_cnt == 1, f"write into shared {block}"
+                assert block.block_hash is None, f"write into cached {block}"
+                self.slots[block.block_id][pos % size] = request.all_token_ids[pos]
+        # Reads after all writes: a request may read KV another wrote this step.
+        for sched in output.scheduled_requests:
+            request = self.scheduler.get_request(sched.request_id)
+            assert request is not None
+            table = output.block_tables[sched.request_id]
+            end = sched.num_computed_tokens_before + sched.num_new_tokens
+            seen = [self.slots[table[p // size]][p % size] for p in range(end)]
+            assert seen == request.all_token_ids[:end], f"{sched.request_id} reads wrong KV"
+            if not sched.is_prefill_chunk:
+                assert end == request.num_tokens
+                forced = self.next_tokens.get(sched.request_id)
+                token = forced.pop(0) if forced else self.rng.randrange(self.vocab_size)
+                sampled[sched.request_id] = [token]
+        return sampled
+
+    def record_chains(self) -> None:
+        """Remember the content of every full block of every live request, by hash."""
+        for request in self.scheduler.requests.values():
+            tokens = request.all_token_ids
+            hashes = hash_request_tokens(tokens, self.block_size, request_extra_keys(request))
+            for i, block_hash in enumerate(hashes):
+                self.chains[block_hash] = tokens[i * self.block_size : (i + 1) * self.block_size]
+
+    def check_cached_blocks(self) -> None:
+        """Every cached block, free or not, still holds the tokens its hash names."""
+        pool = self.scheduler.kv_cache_manager.block_pool
+        for block_hash, block in pool.cached_block_hash_to_block.items():
+            assert block_hash in self.chains, f"{block} has a hash no request produced"
+            assert self.slots[block.block_id] == self.chains[block_hash], f"{block} content"
+
+    def step(self) -> list:
+        """schedule, execute, update; with every check. Returns the finished requests."""
+        self.record_chains()
+        output = self.scheduler.schedule()
+        self.scheduler.check_invariants()
+        sampled = self.execute(output)
+        finished = self.scheduler.update_from_output(output, sampled)
+        self.scheduler.check_invariants()
+        self.record_chains()
+        self.check_cached_blocks()
+        self.last_output = output
+        return finished
