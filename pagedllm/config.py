@@ -82,3 +82,88 @@ def _check_int(name: str, value: object, minimum: int, maximum: int | None = Non
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a boolean, got {value!r}")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class EngineArgs:
+    """Every engine argument, flat, as a user passes them to `LLM(...)` or the command line.
+
+    The CLI flags are generated from these fields (names, defaults and the help in
+    `ENGINE_ARG_HELP`), so this is the one place to add a tunable.
+    """
+
+    model: str | None = None  # GGUF file or Hugging Face folder; None: the default model
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: float | None = None  # GiB
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context length
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    max_waiting: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be one of {DEVICES} or cuda:N, got {self.device!r}")
+        if self.max_model_len is not None:
+            _check_int("max_model_len", self.max_model_len, minimum=2)
+        _check_int("seed", self.seed, minimum=0)
+        if self.kv_cache_memory is not None and not (
+            isinstance(self.kv_cache_memory, int | float) and self.kv_cache_memory > 0
+        ):
+            raise ValueError(
+                f"kv_cache_memory must be a positive number of GiB, got {self.kv_cache_memory!r}"
+            )
+        # the parts validate themselves
+        self.cache_config(num_blocks=self.num_kv_blocks)
+        self.scheduler_config(self.max_model_len or 2**20)
+
+    def cache_config(self, num_blocks: int | None) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=self.enable_prefix_caching,
+            kv_cache_memory=self.kv_cache_memory,
+        )
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=max(
+                self.max_num_batched_tokens,
+                0 if self.enable_chunked_prefill else max_model_len,
+            ),
+            max_model_len=max_model_len,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            policy=self.scheduling_policy,
+            max_waiting=self.max_waiting,
+        )
+
+
+ENGINE_ARG_HELP = {
+    "model": "GGUF file or Hugging Face folder (default: the bundled SmolLM2-135M-Instruct Q4_1)",
+    "dtype": "weights and activations dtype; auto picks per device",
+    "device": "cpu, cuda or cuda:N; auto uses CUDA when present",
+    "block_size": "tokens per KV-cache block",
+    "num_kv_blocks": "KV-cache blocks (overrides --kv-cache-memory)",
+    "kv_cache_memory": "KV-cache size in GiB (default: 1 on CPU, 90%% of free memory on CUDA)",
+    "max_num_seqs": "most sequences running in one step",
+    "max_num_batched_tokens": "token budget of one step",
+    "max_model_len": "context length (default: the model's)",
+    "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
+    "enable_chunked_prefill": "split long prompts across steps",
+    "scheduling_policy": "fcfs or priority",
+    "max_waiting": "most requests waiting; more are refused (default: unbounded)",
+    "seed": "seed of the engine's shared random stream",
+}

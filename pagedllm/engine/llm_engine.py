@@ -1,0 +1,238 @@
+"""The engine: requests in, outputs out, one continuous-batching step at a time.
+
+`step()` = schedule → execute → update: the scheduler decides the batch, the model
+runner computes it and samples, the scheduler records the tokens, and the output
+processor turns them into text. Requests join and leave every step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pagedllm.config import EngineArgs
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.model.loader import load_model, resolve_model_path
+from pagedllm.outputs import RequestOutput
+from pagedllm.request import Request, RequestStatus
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.tokenizer import load_tokenizer
+from pagedllm.worker.kv_cache import allocate_kv_cache, num_blocks_for_memory
+from pagedllm.worker.model_runner import ModelRunner, SampledRow
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on CPU (these CPUs have no AMX: bf16 matmuls ran no faster and
+    up to 1.5x slower than fp32), bfloat16 on CUDA where supported, else float16."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class LLMEngine:
+    """Owns the model, the KV cache, the scheduler and every live request."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        path = resolve_model_path(args.model)
+        self.model_path = path
+        self.model = load_model(path, self.dtype, self.device)
+        self.model_config = config = self.model.config
+        self.tokenizer = load_tokenizer(path)
+        context = config.max_position_embeddings
+        max_model_len = args.max_model_len or context
+        if max_model_len > context:
+            raise ValueError(
+                f"max_model_len ({max_model_len}) is longer than the model's context ({context})"
+            )
+        self.max_model_len = max_model_len
+        num_blocks = args.num_kv_blocks or num_blocks_for_memory(
+            config, args.block_size, self.dtype, self.device, args.kv_cache_memory
+        )
+        if num_blocks < 1:
+            raise ValueError("kv_cache_memory is too small for one KV-cache block")
+        self.num_blocks = num_blocks
+        kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(
+            args.scheduler_config(max_model_len), args.cache_config(num_blocks), num_blocks
+        )
+        self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
+        self.runner.sampler.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        self._pending_fork: dict[str, int] = {}  # n > 1 requests not yet forked
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ------------------------------------------------------------------ intake
+
+    def new_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Text or token ids of a prompt, checked: never empty, ids inside the vocabulary."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, list | tuple):
+            ids = list(prompt)
+            if not ids:
+                raise ValueError("prompt_token_ids must not be empty")
+            vocab = self.model_config.vocab_size
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise ValueError(
+                        f"prompt_token_ids must be integers in [0, {vocab}), got {t!r}"
+                    )
+            return None, ids
+        raise ValueError(
+            f"prompt must be a string, token ids or a dict, got {type(prompt).__name__}"
+        )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Queue a request; a ValueError says what is wrong and nothing is kept."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams")
+        text, ids = self.tokenize_prompt(prompt)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            sampling_params=params,
+            eos_token_id=self.tokenizer.eos_token_id,
+            arrival_time=arrival_time or time.monotonic(),
+            priority=priority,
+        )
+        self.scheduler.add_request(request)  # raises for requests that can never fit
+        self.output_processor.add_request(request, text, request.arrival_time)
+        if params.n > 1:
+            self._pending_fork[request_id] = params.n
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
+        """End requests now and free every block they hold."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outputs = []
+        for user_id in request_ids:
+            seq_ids = self.output_processor.sequence_ids(user_id)
+            self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+            self.runner.release(seq_ids)
+            self._pending_fork.pop(user_id, None)
+            out = self.output_processor.abort(user_id)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -------------------------------------------------------------------- step
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration of continuous batching; returns the outputs that changed."""
+        scheduler = self.scheduler
+        sched = scheduler.schedule()
+        requests = scheduler.requests
+        num_samples = {
+            s.request_id: self._pending_fork[s.request_id]
+            for s in sched.scheduled_requests
+            if s.samples and s.request_id in self._pending_fork
+        }
+        for s in sched.scheduled_requests:  # prompt positions computed this step
+            prompt_len = requests[s.request_id].num_prompt_tokens
+            before = s.num_computed_tokens_before
+            self.prompt_tokens_total += max(0, min(before + s.num_new_tokens, prompt_len) - before)
+        sampled = self.runner.execute(sched, requests, num_samples)
+        ended_at_fork: dict[str, Request] = {}
+        for parent_id in num_samples:
+            ended_at_fork |= self._fork(parent_id, sampled)
+        finished = scheduler.update_from_output(
+            sched, {rid: row.token_ids for rid, row in sampled.items()}
+        )
+        finished_by_id = {r.request_id: r for r in finished}
+        finished_by_id.update(ended_at_fork)
+        self.generation_tokens_total += sum(len(r.token_ids) for r in sampled.values())
+        outputs, stopped = self.output_processor.process(
+            sampled, requests, finished_by_id, [s.request_id for s in sched.scheduled_requests]
+        )
+        if stopped:
+            for r in scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED):
+                r.stop_reason = "stop string"
+        self.runner.release([*finished_by_id, *stopped])
+        return outputs
+
+    def _fork(self, parent_id: str, sampled: dict[str, SampledRow]) -> dict[str, Request]:
+        """Split an n > 1 request's first draws: the parent keeps one, children the rest.
+
+        Returns the children that their first token already finished."""
+        n = self._pending_fork.pop(parent_id)
+        row = sampled[parent_id]
+        parent = self.scheduler.requests[parent_id]
+        children = [
+            parent.fork(f"{parent_id}#{i}", output_token_ids=[row.token_ids[i]])
+            for i in range(1, n)
+        ]
+        self.scheduler.fork_request(parent_id, children)
+        ended: dict[str, Request] = {}
+        for i, child in enumerate(children, start=1):
+            self.runner.fork_generator(parent_id, child.request_id, i)
+            self.output_processor.add_sequence(parent_id, child.request_id, i)
+            sampled[child.request_id] = SampledRow(
+                [row.token_ids[i]], None if row.logprobs is None else [row.logprobs[i]]
+            )
+            if child.check_stop(self.max_model_len):
+                self.scheduler.finish_requests(child.request_id, child.status)
+                ended[child.request_id] = child
+        sampled[parent_id] = SampledRow(
+            row.token_ids[:1], None if row.logprobs is None else row.logprobs[:1]
+        )
+        return ended
+
+    # ----------------------------------------------------------------- metrics
+
+    def get_metrics(self) -> dict[str, float]:
+        """Counters and gauges under the names the server exports (without the prefix)."""
+        stats = self.scheduler.stats
+        return {
+            "num_requests_running": stats.num_running,
+            "num_requests_waiting": stats.num_waiting,
+            "kv_cache_usage_perc": stats.kv_cache_usage,
+            "prefix_cache_queries": stats.prefix_cache_queries,
+            "prefix_cache_hits": stats.prefix_cache_hits,
+            "num_preemptions_total": stats.num_preemptions_total,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "num_kv_blocks": self.num_blocks,
+            "num_free_kv_blocks": self.scheduler.kv_cache_manager.get_num_free_blocks(),
+        }

@@ -1,0 +1,131 @@
+"""The offline API, as vLLM's `LLM`: generate and chat over many prompts at once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from tqdm import tqdm
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.tokenizer import Message
+
+
+class LLM:
+    """An engine for offline batches: `LLM(model=None, **engine_args)`; None = the default model."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        known = {f.name for f in fields(EngineArgs)}
+        unknown = sorted(set(engine_args) - known)
+        if unknown:
+            raise ValueError(f"unknown engine arguments {unknown}; known: {sorted(known)}")
+        self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete every prompt; outputs come back in the prompts' order.
+
+        A prompt is a string or {"prompt_token_ids": [...]}; `sampling_params` is one
+        object for all prompts or one per prompt. Every prompt is checked before any
+        runs, so a bad one raises ValueError and nothing is queued.
+        """
+        if isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        for prompt in prompts:  # validate all before queueing any
+            self.engine.tokenize_prompt(prompt)
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation or a list of them, rendered with the chat template."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            if not conversation:
+                raise ValueError("messages must not be empty")
+            text = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt)  # type: ignore[arg-type]
+            prompts.append({"prompt_token_ids": self.engine.tokenizer.encode(text, add_special_tokens=False), "prompt": text})
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        outputs = self._run(prompts, params, use_tqdm)
+        for output, prompt in zip(outputs, prompts, strict=True):
+            output.prompt = prompt["prompt"]  # type: ignore[index]
+        return outputs
+
+    def get_metrics(self) -> dict[str, float]:
+        """The engine's counters and gauges, named as the server exports them."""
+        return self.engine.get_metrics()
+
+    # ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _params_per_prompt(
+        params: SamplingParams | Sequence[SamplingParams] | None, count: int
+    ) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * count
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        params = list(params)
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
+        return params
+
+    def _run(
+        self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+                    prompt = {"prompt_token_ids": prompt["prompt_token_ids"]}
+                request_id = engine.new_request_id()
+                engine.add_request(request_id, prompt, p)
+                ids.append(request_id)
+        except Exception:
+            engine.abort_request(ids)  # a refused prompt leaves nothing queued
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        start = time.monotonic()
+        prompt_tokens = output_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        prompt_tokens += len(output.prompt_token_ids)
+                        output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        elapsed = max(time.monotonic() - start, 1e-9)
+                        bar.set_postfix_str(
+                            f"input: {prompt_tokens / elapsed:.1f} toks/s, "
+                            f"output: {output_tokens / elapsed:.1f} toks/s"
+                        )
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request([i for i in ids if i not in results])
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]
