@@ -65,7 +65,14 @@ class LLM:
             if not conversation:
                 raise ValueError("messages must not be empty")
             text = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt)  # type: ignore[arg-type]
-            prompts.append({"prompt_token_ids": self.engine.tokenizer.encode(text, add_special_tokens=False), "prompt": text})
+            prompts.append(
+                {
+                    "prompt_token_ids": self.engine.tokenizer.encode(
+                        text, add_special_tokens=False
+                    ),
+                    "prompt": text,
+                }
+            )
         params = self._params_per_prompt(sampling_params, len(prompts))
         outputs = self._run(prompts, params, use_tqdm)
         for output, prompt in zip(outputs, prompts, strict=True):
@@ -107,7 +114,9 @@ class LLM:
             engine.abort_request(ids)  # a refused prompt leaves nothing queued
             raise
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True
+        )
         start = time.monotonic()
         prompt_tokens = output_tokens = 0
         try:
