@@ -9,7 +9,7 @@ of tokens (checked against the KV a fake worker actually wrote).
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -354,3 +354,72 @@ TestKVCacheManager = KVCacheManagerMachine.TestCase
 TestKVCacheManager.settings = SETTINGS
 TestScheduler = SchedulerMachine.TestCase
 TestScheduler.settings = SETTINGS
+
+
+workloads = st.lists(
+    # prompt, max_tokens, priority, steps before it arrives
+    st.tuples(prompts, st.integers(1, 24), st.integers(0, 2), st.integers(0, 6)),
+    min_size=1,
+    max_size=10,
+)
+
+
+@SETTINGS
+@given(
+    workload=workloads,
+    num_blocks=st.integers(6, 16),
+    budget=st.integers(4, 40),
+    policy=st.sampled_from(["fcfs", "priority"]),
+    caching=st.booleans(),
+)
+def test_random_workloads_finish_without_leaks_and_admit_in_order(
+    workload, num_blocks, budget, policy, caching
+):
+    """Tight pools force preemption (and, under "priority", unscheduling) every few
+    steps; everything still finishes, first admissions follow the policy's order, and
+    the fake worker's checks hold at every step."""
+    config = SchedulerConfig(
+        max_num_seqs=4, max_num_batched_tokens=budget, max_model_len=48, policy=policy
+    )
+    cache = CacheConfig(block_size=2, enable_prefix_caching=caching)
+    scheduler = Scheduler(config, cache, num_blocks)
+    worker = FakeWorker(scheduler, vocab_size=10)
+    arrivals = sorted(range(len(workload)), key=lambda k: workload[k][3])
+    accepted: list[Request] = []
+    admitted: list[str] = []
+    step = 0
+    while arrivals or scheduler.has_unfinished_requests():
+        while arrivals and workload[arrivals[0]][3] <= step:
+            k = arrivals.pop(0)
+            prompt, max_tokens, priority, _ = workload[k]
+            request = make_request(
+                f"r{k}", prompt, max_tokens, priority=priority, arrival_time=float(step)
+            )
+            try:
+                scheduler.add_request(request)
+            except ValueError:
+                continue
+            accepted.append(request)
+        worker.step()
+        step += 1
+        assert step < 3000, "requests never finished"
+        new = [
+            s.request_id
+            for s in worker.last_output.scheduled_requests
+            if s.request_id not in admitted
+        ]
+        admitted += new
+        if policy == "priority":
+            # Nobody is admitted while a more urgent new request is left waiting.
+            for request_id in new:
+                r = next(x for x in accepted if x.request_id == request_id)
+                for q in scheduler.waiting:
+                    if q.status is RequestStatus.WAITING:
+                        assert (q.priority, q.arrival_time) >= (r.priority, r.arrival_time)
+    assert all(r.status is RequestStatus.FINISHED_LENGTH_CAPPED for r in accepted)
+    assert all(r.num_output_tokens == r.max_tokens for r in accepted)
+    if policy == "fcfs":
+        assert admitted == [r.request_id for r in accepted]
+    kv = scheduler.kv_cache_manager
+    kv.check_invariants(set())
+    assert kv.get_num_free_blocks() == kv.num_blocks
