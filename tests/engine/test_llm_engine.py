@@ -1,0 +1,212 @@
+"""The engine end to end: greedy parity with transformers, batching, preemption, sampling, n > 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from tests.conftest import ENGLISH
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 32
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", kv_cache_memory=0.5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def parity_prompts(tokenizer):
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Name three planets."}])
+    return [
+        "Paris is the capital of",
+        "def fibonacci(n):",
+        chat,
+        (ENGLISH * 5)[:1800],  # over 300 tokens
+        "1, 2, 3, 4,",
+        "The quick brown fox",
+    ]
+
+
+def reference_greedy(hf_reference, ids, steps):
+    """transformers' incremental greedy decoding (KV cache), EOS ignored."""
+    out_ids = []
+    with torch.no_grad():
+        out = hf_reference(torch.tensor([ids]), use_cache=True)
+        for _ in range(steps):
+            token = int(out.logits[0, -1].argmax())
+            out_ids.append(token)
+            out = hf_reference(
+                torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+            )
+    return out_ids
+
+
+@pytest.fixture(scope="module")
+def expected(hf_reference, tokenizer, parity_prompts):
+    chat_prompt = parity_prompts[2]
+    result = []
+    for p in parity_prompts:
+        ids = tokenizer.encode(p, add_special_tokens=p is not chat_prompt)
+        result.append(reference_greedy(hf_reference, ids, NEW_TOKENS))
+    assert len(tokenizer.encode(parity_prompts[3])) > 300
+    return result
+
+
+def fillers(n):
+    return [ENGLISH[: 20 + 37 * i % 700] + f" ({i})" for i in range(n)]
+
+
+def test_greedy_matches_reference_alone(llm, parity_prompts, expected):
+    for prompt, want in zip(parity_prompts, expected, strict=True):
+        [out] = llm.generate(prompt, GREEDY, use_tqdm=False)
+        assert out.outputs[0].token_ids == want, prompt[:40]
+
+
+@pytest.mark.parametrize(
+    "engine_args",
+    [
+        {"enable_prefix_caching": True},
+        {"enable_prefix_caching": False},
+        {"enable_prefix_caching": True, "max_num_batched_tokens": 64},  # forces chunked prefill
+    ],
+    ids=["prefix-cache", "no-prefix-cache", "chunked-prefill"],
+)
+def test_greedy_matches_reference_in_batch_of_64(engine_args, parity_prompts, expected):
+    llm = LLM(dtype="float32", kv_cache_memory=0.5, **engine_args)
+    prompts = parity_prompts + fillers(64 - len(parity_prompts))
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for out, want in zip(outs, expected, strict=False):
+        assert out.outputs[0].token_ids == want
+    assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outs)
+    m = llm.get_metrics()
+    assert m["num_free_kv_blocks"] == m["num_kv_blocks"]
+
+
+def test_kv_pressure_preempts_and_loses_nothing(parity_prompts, expected, llm):
+    prompts = parity_prompts[:2] + fillers(14)
+    calm = llm.generate(prompts, GREEDY, use_tqdm=False)
+    tight = LLM(dtype="float32", num_kv_blocks=48, max_num_batched_tokens=256)
+    outs = tight.generate(prompts, GREEDY, use_tqdm=False)
+    m = tight.get_metrics()
+    assert m["num_preemptions_total"] > 0
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in calm]
+    assert outs[0].outputs[0].token_ids == expected[0]
+    assert m["num_free_kv_blocks"] == m["num_kv_blocks"] and m["num_requests_running"] == 0
+
+
+def test_seeded_request_is_reproducible_anywhere(llm):
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=24, seed=None)] * 31
+    batch = (
+        llm.generate(["Once upon a time", *fillers(31)], [params, *others], use_tqdm=False)[0]
+        .outputs[0]
+        .token_ids
+    )
+    other_engine = LLM(dtype="float32", kv_cache_memory=0.25, seed=99)
+    again = (
+        other_engine.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0].token_ids
+    )
+    assert alone == batch == again
+    unseeded = llm.generate("Once upon a time", params.clone(seed=4321), use_tqdm=False)
+    assert unseeded[0].outputs[0].token_ids != alone
+
+
+def test_sampling_parameters_take_effect(llm):
+    prompt = "The capital of France is"
+    greedy = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0]
+    top_k1 = llm.generate(prompt, GREEDY.clone(temperature=1.0, top_k=1, seed=3), use_tqdm=False)
+    assert top_k1[0].outputs[0].token_ids == greedy.token_ids
+    banned = greedy.token_ids[0]
+    biased = llm.generate(prompt, GREEDY.clone(logit_bias={banned: -100}), use_tqdm=False)
+    assert biased[0].outputs[0].token_ids[0] != banned
+    # EOS comes early in a chat reply; min_tokens holds it off
+    chat = [{"role": "user", "content": "Say hi."}]
+    short = llm.chat(chat, SamplingParams(temperature=0, max_tokens=200), use_tqdm=False)[0]
+    assert short.outputs[0].finish_reason == "stop" and len(short.outputs[0].token_ids) < 200
+    n = len(short.outputs[0].token_ids)
+    longer = llm.chat(
+        chat, SamplingParams(temperature=0, max_tokens=200, min_tokens=n + 5), use_tqdm=False
+    )[0]
+    assert len(longer.outputs[0].token_ids) >= n + 5
+    # stop strings cut the text and are excluded (or kept when asked)
+    text = greedy.text
+    stop = text[5:9]
+    cut = llm.generate(prompt, GREEDY.clone(stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop"
+    assert cut.stop_reason == stop
+    kept = llm.generate(
+        prompt, GREEDY.clone(stop=[stop], include_stop_str_in_output=True), use_tqdm=False
+    )[0].outputs[0]
+    assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_logprobs_returned_per_token(llm):
+    out = llm.generate(
+        "Hello", SamplingParams(temperature=0, max_tokens=5, logprobs=3), use_tqdm=False
+    )[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for token, entry in zip(out.token_ids, out.logprobs, strict=True):
+        assert token in entry and entry[token].rank == 1  # greedy picks the top token
+        assert len(entry) == 3
+        assert all(lp.logprob <= 0 and lp.decoded_token is not None for lp in entry.values())
+    assert out.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs, strict=True))
+    )
+
+
+def test_parallel_sampling_shares_prompt_blocks(llm, tokenizer):
+    prompt_ids = tokenizer.encode(ENGLISH * 3)[:200]
+    engine = llm.engine
+    params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+    engine.add_request("par", {"prompt_token_ids": prompt_ids}, params)
+    used_after_fork = None
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+        if used_after_fork is None and engine.scheduler.num_running == 4:
+            stats = engine.scheduler.kv_cache_manager.stats()
+            used_after_fork = stats.num_blocks_used if hasattr(stats, "num_blocks_used") else None
+            used = engine.num_blocks - engine.scheduler.kv_cache_manager.get_num_free_blocks()
+            # 12 full prompt blocks held once, plus one partly filled block per sample
+            assert used <= 200 // 16 + 4, used
+    final = next(o for o in outputs if o.finished)
+    assert len(final.outputs) == 4
+    assert len({tuple(c.token_ids) for c in final.outputs}) == 4
+    assert all(len(c.token_ids) == 16 for c in final.outputs)
+    m = llm.get_metrics()
+    assert m["num_free_kv_blocks"] == m["num_kv_blocks"]
+
+
+def test_prefix_cache_hit_on_shared_512_token_prefix(llm, tokenizer):
+    prefix = tokenizer.encode(ENGLISH * 10)[:512]
+    first = llm.generate({"prompt_token_ids": [*prefix, 11, 12]}, GREEDY, use_tqdm=False)[0]
+    second = llm.generate({"prompt_token_ids": [*prefix, 11, 12]}, GREEDY, use_tqdm=False)[0]
+    assert second.num_cached_tokens >= 496
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_bad_input_is_refused_and_engine_keeps_serving(llm):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        llm.generate("", GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate({"prompt_token_ids": [1, 10**6]}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": [5] * 9000}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate("hi", SamplingParams(max_tokens=10**6), use_tqdm=False)
+    # a bad prompt in a list queues nothing; the engine still answers
+    with pytest.raises(ValueError):
+        llm.generate(["fine", ""], GREEDY, use_tqdm=False)
+    m = llm.get_metrics()
+    assert m["num_requests_waiting"] == 0 and m["num_free_kv_blocks"] == m["num_kv_blocks"]
+    assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
