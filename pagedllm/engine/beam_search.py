@@ -18,7 +18,8 @@ then forks and aborts before the next ``schedule()``.
 A beam normally samples in the same step as its siblings. When it does not (one
 was preempted, or ``max_num_seqs`` left one out), the candidates of those that did
 wait until the rest have sampled too; a beam that has sampled and got no token yet
-has nothing to compute, so the scheduler passes over it meanwhile.
+has nothing to compute, so the scheduler passes over it meanwhile (and should the
+waiting ones need its blocks, it gives them up and is recomputed later).
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ def _step(engine: LLMEngine, owner: dict[str, _PromptSearch]) -> int:
     """One engine step for every live beam; returns how many prompts finished."""
     scheduler = engine.scheduler
     sched = scheduler.schedule()
+    if sched.is_empty:
+        _requeue_waiting_beams(engine, owner)
+        return 0
     sampled = engine.runner.execute(sched, scheduler.requests)
-    if not sampled and sched.is_empty:
-        raise RuntimeError("beam search made no progress: no beam could be scheduled")
     for request_id, row in sampled.items():
         assert row.logprobs is not None  # every beam asks for logprobs
         top_ids, top_logprobs, _, _ = row.logprobs[0]
@@ -146,6 +148,38 @@ def _step(engine: LLMEngine, owner: dict[str, _PromptSearch]) -> int:
         if plan.search.state.done:
             num_done += 1
     return num_done
+
+
+def _requeue_waiting_beams(engine: LLMEngine, owner: dict[str, _PromptSearch]) -> None:
+    """Break a standstill: beams that sampled and wait for their siblings give up blocks.
+
+    Such a beam has nothing to compute, so the scheduler never preempts it, and a
+    sibling left waiting for blocks would wait forever. Its candidates are kept; it
+    goes back to the queue as a new request, recomputed later (from the prefix cache
+    where its full blocks survive), just as if it had been preempted.
+    """
+    scheduler = engine.scheduler
+    stuck = [r for r in scheduler.running if r.request_id in owner[r.request_id].pending]
+    if not stuck:
+        raise RuntimeError("beam search made no progress: no beam could be scheduled")
+    for request in stuck:
+        old_id, new_id = request.request_id, engine.new_request_id()
+        search = owner.pop(old_id)
+        scheduler.finish_requests(old_id, RequestStatus.FINISHED_ABORTED)
+        engine.runner.release([old_id])
+        scheduler.add_request(
+            Request(
+                new_id,
+                request.prompt_token_ids,
+                request.sampling_params,
+                eos_token_id=request.eos_token_id,
+                arrival_time=request.arrival_time,
+                output_token_ids=request.output_token_ids,
+            )
+        )
+        owner[new_id] = search
+        search.request_ids[search.request_ids.index(old_id)] = new_id
+        search.pending[new_id] = search.pending.pop(old_id)
 
 
 def _plan(engine: LLMEngine, search: _PromptSearch) -> _Plan | None:
