@@ -81,3 +81,23 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     error: str | None = None  # set when the request failed inside the engine
     extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One finished beam of ``LLM.beam_search``: its generated tokens, text and scores."""
+
+    tokens: list[int]  # generated token ids (the prompt not included)
+    text: str
+    cum_logprob: float
+    score: float  # cum_logprob / length ** length_penalty; see pagedllm.sample.beam_search
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    """Beam search's answer for one prompt: up to beam_width sequences, best score first."""
+
+    sequences: list[BeamSearchSequence]
+    prompt: str | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)

@@ -10,9 +10,10 @@ from typing import Any
 from tqdm import tqdm
 
 from pagedllm.config import EngineArgs
+from pagedllm.engine.beam_search import beam_search
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
-from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.outputs import BeamSearchOutput, RequestOutput
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.tokenizer import Message
 
 
@@ -41,11 +42,7 @@ class LLM:
         object for all prompts or one per prompt. Every prompt is checked before any
         runs, so a bad one raises ValueError and nothing is queued.
         """
-        if isinstance(prompts, str | dict) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = _as_prompt_list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         for prompt in prompts:  # validate all before queueing any
             self.engine.tokenize_prompt(prompt)
@@ -78,6 +75,20 @@ class LLM:
         for output, prompt in zip(outputs, prompts, strict=True):
             output.prompt = prompt["prompt"]  # type: ignore[index]
         return outputs
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search over each prompt; per prompt, up to beam_width sequences, best first.
+
+        Beams stay resident in the engine and share KV blocks (see
+        `pagedllm.engine.beam_search`); each sequence carries its generated `tokens`,
+        `text`, `cum_logprob` and length-penalised `score`.
+        """
+        return beam_search(self.engine, _as_prompt_list(prompts), params, use_tqdm)
 
     def get_metrics(self) -> dict[str, float]:
         """The engine's counters and gauges, named as the server exports them."""
@@ -138,3 +149,12 @@ class LLM:
         finally:
             bar.close()
         return [results[i] for i in ids]
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt (text, token ids or a dict) or a list of them, as a list."""
+    if isinstance(prompts, str | dict) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+    ):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
