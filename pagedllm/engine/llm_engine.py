@@ -129,6 +129,8 @@ class LLMEngine:
         """Queue a request; a ValueError says what is wrong and nothing is kept."""
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported yet; leave it unset")
         text, ids = self.tokenize_prompt(prompt)
         request = Request(
             request_id=request_id,

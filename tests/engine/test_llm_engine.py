@@ -205,6 +205,8 @@ def test_bad_input_is_refused_and_engine_keeps_serving(llm):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate("hi", SamplingParams(prompt_logprobs=1), use_tqdm=False)
     with pytest.raises(ValueError, match="prompt must not be empty"):
         llm.generate("", GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="prompt_token_ids"):
