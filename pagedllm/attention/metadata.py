@@ -18,6 +18,7 @@ class AttentionMetadata:
     Host-side copies of the lengths let backends plan without a device sync.
     """
 
+    positions: torch.Tensor  # [T] int64: each new token's position in its sequence
     slot_mapping: torch.Tensor  # [T] int64
     block_tables: torch.Tensor  # [B, max_blocks] int64, rows padded with 0
     seq_lens: torch.Tensor  # [B] int64
@@ -70,6 +71,7 @@ class AttentionMetadata:
         is_decode = query_lens_t == 1
         decode_seq_idx = torch.nonzero(is_decode).flatten()
         return cls(
+            positions=positions.to(device),
             slot_mapping=slot_mapping.to(device),
             block_tables=table.to(device),
             seq_lens=seq_lens_t.to(device),
@@ -81,16 +83,3 @@ class AttentionMetadata:
             decode_token_idx=query_start_loc[:-1][decode_seq_idx].to(device),
             prefill_seq_idx=torch.nonzero(~is_decode).flatten().tolist(),
         )
-
-    def positions(self) -> torch.Tensor:
-        """Each new token's position in its sequence: [T] int64."""
-        device = self.seq_lens.device
-        query_lens = torch.as_tensor(self.query_lens_list, dtype=torch.int64, device=device)
-        seq_of_token = torch.repeat_interleave(
-            torch.arange(len(self.query_lens_list), device=device), query_lens
-        )
-        first_pos = self.seq_lens - query_lens
-        offsets = (
-            torch.arange(self.num_tokens, device=device) - self.query_start_loc[:-1][seq_of_token]
-        )
-        return first_pos[seq_of_token] + offsets

@@ -89,7 +89,7 @@ class ModelRunner:
             tables.append(output.block_tables[s.request_id])
         meta = AttentionMetadata.build(seq_lens, query_lens, tables, self.block_size, self.device)
         hidden = self.model(
-            torch.tensor(input_ids, device=self.device), meta.positions(), self.kv_caches, meta
+            torch.tensor(input_ids, device=self.device), meta.positions, self.kv_caches, meta
         )
         # logits only for the rows that sample: each sampling request's last token
         sampling = [i for i, s in enumerate(scheduled) if s.samples]

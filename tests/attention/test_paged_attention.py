@@ -101,6 +101,6 @@ def test_shared_blocks_between_sequences_are_read_not_clobbered():
 
 def test_slot_mapping_and_positions_follow_block_tables():
     meta = AttentionMetadata.build([5, 3], [2, 3], [[7, 2], [4]], block_size=4)
-    assert meta.positions().tolist() == [3, 4, 0, 1, 2]
+    assert meta.positions.tolist() == [3, 4, 0, 1, 2]
     assert meta.slot_mapping.tolist() == [7 * 4 + 3, 2 * 4 + 0, 16, 17, 18]
     assert meta.query_start_loc.tolist() == [0, 2, 5]

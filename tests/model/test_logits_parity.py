@@ -40,7 +40,7 @@ def forward(model, kv, chunks, seq_lens, tables):
     meta = AttentionMetadata.build(seq_lens, [len(c) for c in chunks], tables, BLOCK)
     ids = torch.tensor([t for c in chunks for t in c])
     with torch.no_grad():
-        hidden = model(ids, meta.positions(), kv, meta)
+        hidden = model(ids, meta.positions, kv, meta)
         last = meta.query_start_loc[1:] - 1
         return model.compute_logits(hidden[last])
 

@@ -20,7 +20,7 @@ def last_logits(model, ids):
     kv = [torch.zeros(2, 8, 16, c.num_kv_heads, c.head_dim) for _ in range(c.num_layers)]
     meta = AttentionMetadata.build([len(ids)], [len(ids)], [[5, 2, 7, 1]], 16)
     with torch.no_grad():
-        return model.compute_logits(model(torch.tensor(ids), meta.positions(), kv, meta)[-1:])[0]
+        return model.compute_logits(model(torch.tensor(ids), meta.positions, kv, meta)[-1:])[0]
 
 
 def test_safetensors_folder_matches_gguf(tmp_path, hf_reference, model_f32, tokenizer):
