@@ -153,7 +153,7 @@ class EngineArgs:
 
 ENGINE_ARG_HELP = {
     "model": "GGUF file or Hugging Face folder (default: the bundled SmolLM2-135M-Instruct Q4_1)",
-    "dtype": "weights and activations dtype; auto picks per device",
+    "dtype": "weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA",
     "device": "cpu, cuda or cuda:N; auto uses CUDA when present",
     "block_size": "tokens per KV-cache block",
     "num_kv_blocks": "KV-cache blocks (overrides --kv-cache-memory)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pagedllm.entrypoints.cli_args import HelpFormatter, add_model_arg
 from pagedllm.model.loader import ModelLoadError
 
 
@@ -21,13 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inspect = sub.add_parser(
-        "inspect",
-        help="show what a model file holds",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "inspect", help="show what a model file holds", formatter_class=HelpFormatter
     )
-    inspect.add_argument(
-        "model", nargs="?", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)"
-    )
+    add_model_arg(inspect)
     inspect.set_defaults(func=_inspect)
     return parser
 
