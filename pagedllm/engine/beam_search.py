@@ -118,7 +118,7 @@ def _step(engine: LLMEngine, owner: dict[str, _PromptSearch]) -> int:
     if sched.is_empty:
         _requeue_waiting_beams(engine, owner)
         return 0
-    sampled = engine.runner.execute(sched, scheduler.requests)
+    sampled = engine.runner.execute(sched, scheduler.requests).sampled
     for request_id, row in sampled.items():
         assert row.logprobs is not None  # every beam asks for logprobs
         top_ids, top_logprobs, _, _ = row.logprobs[0]

@@ -129,8 +129,6 @@ class LLMEngine:
         """Queue a request; a ValueError says what is wrong and nothing is kept."""
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet; leave it unset")
         text, ids = self.tokenize_prompt(prompt)
         request = Request(
             request_id=request_id,
@@ -179,7 +177,8 @@ class LLMEngine:
             prompt_len = requests[s.request_id].num_prompt_tokens
             before = s.num_computed_tokens_before
             self.prompt_tokens_total += max(0, min(before + s.num_new_tokens, prompt_len) - before)
-        sampled = self.runner.execute(sched, requests, num_samples)
+        result = self.runner.execute(sched, requests, num_samples)
+        sampled = result.sampled
         ended_at_fork: dict[str, Request] = {}
         for parent_id in num_samples:
             ended_at_fork |= self._fork(parent_id, sampled)
@@ -190,7 +189,11 @@ class LLMEngine:
         finished_by_id.update(ended_at_fork)
         self.generation_tokens_total += sum(len(r.token_ids) for r in sampled.values())
         outputs, stopped = self.output_processor.process(
-            sampled, requests, finished_by_id, [s.request_id for s in sched.scheduled_requests]
+            sampled,
+            requests,
+            finished_by_id,
+            [s.request_id for s in sched.scheduled_requests],
+            result.prompt_logprobs,
         )
         if stopped:
             for r in scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED):

@@ -14,7 +14,7 @@ from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestO
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tokenizer import Tokenizer
-from pagedllm.worker.model_runner import SampledRow
+from pagedllm.worker.model_runner import PromptLogprobsChunk, SampledRow
 
 
 @dataclass
@@ -36,6 +36,8 @@ class RequestState:
     sequences: dict[str, _Sequence] = field(default_factory=dict)
     num_cached_tokens: int = 0
     error: str | None = None
+    # None for the first prompt token, which nothing predicts; filled chunk by chunk
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def finished(self) -> bool:
         return len(self.sequences) == self.params.n and all(
@@ -60,6 +62,7 @@ class OutputProcessor:
             prompt_token_ids=request.prompt_token_ids,
             params=request.sampling_params,
             metrics=RequestMetrics(arrival_time=arrival_time or time.monotonic()),
+            prompt_logprobs=None if request.sampling_params.prompt_logprobs is None else [None],
         )
         self.states[request.request_id] = state
         self.add_sequence(request.request_id, request.request_id, 0)
@@ -83,12 +86,17 @@ class OutputProcessor:
         requests: dict[str, Request],
         finished: dict[str, Request],
         scheduled_ids: list[str],
+        prompt_logprobs: dict[str, PromptLogprobsChunk] | None = None,
     ) -> tuple[list[RequestOutput], list[str]]:
         """Apply a step's tokens. Returns the changed outputs and sequences a stop string ended.
 
         `requests` are the live sequences, `finished` those the scheduler just ended.
         """
         now = time.monotonic()
+        for seq_id, chunk in (prompt_logprobs or {}).items():
+            state = self.states.get(self.owner.get(seq_id, ""))
+            if state is not None:
+                self._add_prompt_logprobs(state, chunk)
         touched: dict[str, RequestState] = {}
         for seq_id in scheduled_ids:
             state = self.states.get(self.owner.get(seq_id, ""))
@@ -145,6 +153,24 @@ class OutputProcessor:
             completion.logprobs.append(entry)
             completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + lp
 
+    def _add_prompt_logprobs(self, state: RequestState, chunk: PromptLogprobsChunk) -> None:
+        """Append a chunk's scores; rows seen before (a preempted prompt recomputed) are skipped."""
+        recorded = state.prompt_logprobs
+        if recorded is None:
+            return
+        num = state.params.prompt_logprobs or 0
+        decode = self.tokenizer.decode
+        ids = state.prompt_token_ids
+        # entry k of the chunk scores prompt token chunk.start + 1 + k, i.e. list index the same
+        for k in range(len(recorded) - 1 - chunk.start, len(chunk.rows)):
+            top_ids, top_lps, lp, rank = chunk.rows[k]
+            token_id = ids[chunk.start + 1 + k]
+            entry = {token_id: Logprob(lp, rank, decode([token_id], skip_special_tokens=False))}
+            for r, (tid, tlp) in enumerate(zip(top_ids[:num], top_lps[:num], strict=True)):
+                if tid not in entry:
+                    entry[tid] = Logprob(tlp, r + 1, decode([tid], skip_special_tokens=False))
+            recorded.append(entry)
+
     def abort(
         self, user_request_id: str, reason: str = "abort", error: str | None = None
     ) -> RequestOutput | None:
@@ -182,6 +208,7 @@ class OutputProcessor:
             finished=finished,
             metrics=state.metrics,
             num_cached_tokens=state.num_cached_tokens,
+            prompt_logprobs=None if state.prompt_logprobs is None else list(state.prompt_logprobs),
             error=state.error,
         )
 

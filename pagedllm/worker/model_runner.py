@@ -9,7 +9,7 @@ import torch
 from pagedllm.attention import AttentionMetadata
 from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.request import Request
-from pagedllm.sample.logprobs import LogprobsTensors
+from pagedllm.sample.logprobs import LogprobsTensors, compute_prompt_logprobs
 from pagedllm.sample.metadata import RowSamplingState, SamplingMetadata, seeded_generator
 from pagedllm.sample.sampler import Sampler
 from pagedllm.worker.kv_cache import copy_blocks
@@ -22,6 +22,28 @@ class SampledRow:
     token_ids: list[int]
     # per token: (top ids, top logprobs, sampled logprob, sampled rank)
     logprobs: list[tuple[list[int], list[float], float, int]] | None = None
+
+
+@dataclass
+class PromptLogprobsChunk:
+    """Logprobs of the prompt tokens that one step's chunk predicts.
+
+    Entry k scores prompt token ``start + 1 + k`` from the row at position ``start + k``.
+    """
+
+    start: int
+    # per predicted token: (top ids, top logprobs, its logprob, its rank)
+    rows: list[tuple[list[int], list[float], float, int]]
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, SampledRow]
+    prompt_logprobs: dict[str, PromptLogprobsChunk]
+
+
+# Rows of prompt logits materialised at once: 256 × a 49k vocabulary is ~50 MB in fp32.
+_PROMPT_LOGITS_CHUNK = 256
 
 
 class ModelRunner:
@@ -70,8 +92,9 @@ class ModelRunner:
         output: SchedulerOutput,
         requests: dict[str, Request],
         num_samples: dict[str, int] | None = None,
-    ) -> dict[str, SampledRow]:
-        """Run one step; returns the sampled tokens of every request that samples.
+    ) -> RunnerOutput:
+        """Run one step; returns the sampled tokens of every request that samples, and
+        the prompt logprobs of the requests that asked for them.
 
         `num_samples` asks for more than one token from a request's last row (the
         first tokens of an n > 1 request, drawn together from its prompt's logits).
@@ -79,7 +102,7 @@ class ModelRunner:
         copy_blocks(self.kv_caches, output.block_copies)
         scheduled = output.scheduled_requests
         if not scheduled:
-            return {}
+            return RunnerOutput({}, {})
         input_ids: list[int] = []
         seq_lens, query_lens, tables = [], [], []
         for s in scheduled:
@@ -91,7 +114,21 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(input_ids, device=self.device), meta.positions, self.kv_caches, meta
         )
+        prompt_logprobs = self._prompt_logprobs(output, requests, hidden, meta)
+        return RunnerOutput(
+            self._sample(output, requests, hidden, meta, num_samples), prompt_logprobs
+        )
+
+    def _sample(
+        self,
+        output: SchedulerOutput,
+        requests: dict[str, Request],
+        hidden: torch.Tensor,
+        meta: AttentionMetadata,
+        num_samples: dict[str, int] | None,
+    ) -> dict[str, SampledRow]:
         # logits only for the rows that sample: each sampling request's last token
+        scheduled = output.scheduled_requests
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         if not sampling:
             return {}
@@ -131,6 +168,35 @@ class ModelRunner:
             if logprob_rows is not None and sampled.logprobs is not None:
                 sampled.logprobs.append(logprob_rows[row])
         return result
+
+    def _prompt_logprobs(
+        self,
+        output: SchedulerOutput,
+        requests: dict[str, Request],
+        hidden: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> dict[str, PromptLogprobsChunk]:
+        """Score the prompt tokens each asking request's chunk predicts this step."""
+        chunks: dict[str, PromptLogprobsChunk] = {}
+        starts = meta.query_start_loc.tolist() if output.scheduled_requests else []
+        for i, s in enumerate(output.scheduled_requests):
+            request = requests[s.request_id]
+            num = request.sampling_params.prompt_logprobs
+            if num is None:
+                continue
+            start = s.num_computed_tokens_before
+            end = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)
+            if end <= start:
+                continue
+            targets = request.prompt_token_ids[start + 1 : end + 1]
+            rows: list[tuple[list[int], list[float], float, int]] = []
+            for lo in range(0, end - start, _PROMPT_LOGITS_CHUNK):
+                hi = min(lo + _PROMPT_LOGITS_CHUNK, end - start)
+                logits = self.model.compute_logits(hidden[starts[i] + lo : starts[i] + hi])
+                ids = torch.tensor(targets[lo:hi], device=logits.device)
+                rows.extend(compute_prompt_logprobs(logits, ids, num).tolist())
+            chunks[s.request_id] = PromptLogprobsChunk(start, rows)
+        return chunks
 
 
 def _logprob_rows(

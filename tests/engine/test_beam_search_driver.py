@@ -21,7 +21,7 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.beam_search import beam_search
 from pagedllm.sample.beam_search import BeamSearchState
 from pagedllm.sampling_params import BeamSearchParams
-from pagedllm.worker.model_runner import SampledRow
+from pagedllm.worker.model_runner import RunnerOutput, SampledRow
 from tests.core.fake_worker import FakeWorker
 
 VOCAB = 12
@@ -47,7 +47,7 @@ class FakeRunner:
             request = requests[request_id]
             ids, lps = fake_logprobs(request.all_token_ids, request.sampling_params.logprobs)
             out[request_id] = SampledRow([ids[0]], [(ids, lps, lps[0], 1)])
-        return out
+        return RunnerOutput(out, {})
 
     def release(self, request_ids) -> None:
         pass

@@ -57,6 +57,28 @@ def expected(hf_reference, tokenizer, parity_prompts):
     return result
 
 
+@pytest.fixture(scope="module")
+def long_prompt_logprobs(hf_reference, tokenizer, parity_prompts):
+    """transformers' log-softmax over every position of the long parity prompt."""
+    ids = tokenizer.encode(parity_prompts[3])
+    with torch.no_grad():
+        return ids, torch.log_softmax(hf_reference(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def check_prompt_logprobs(out, ids, reference, num):
+    """Entry t scores prompt token t under the logits of position t-1, with the top `num`."""
+    got = out.prompt_logprobs
+    assert got[0] is None and len(got) == len(ids)
+    for t in range(1, len(ids)):
+        row = reference[t - 1]
+        entry = got[t]
+        assert entry[ids[t]].logprob == pytest.approx(float(row[ids[t]]), abs=1e-3)
+        assert entry[ids[t]].rank == int((row > row[ids[t]]).sum()) + 1
+        top = [tid for tid, lp in entry.items() if lp.rank <= num]
+        assert set(top) >= set(row.topk(num).indices.tolist()) - {ids[t]}
+        assert len(entry) <= num + 1
+
+
 def fillers(n):
     return [ENGLISH[: 20 + 37 * i % 700] + f" ({i})" for i in range(n)]
 
@@ -76,12 +98,17 @@ def test_greedy_matches_reference_alone(llm, parity_prompts, expected):
     ],
     ids=["prefix-cache", "no-prefix-cache", "chunked-prefill"],
 )
-def test_greedy_matches_reference_in_batch_of_64(engine_args, parity_prompts, expected):
+def test_greedy_matches_reference_in_batch_of_64(
+    engine_args, parity_prompts, expected, long_prompt_logprobs
+):
     llm = LLM(dtype="float32", kv_cache_memory=0.5, **engine_args)
     prompts = parity_prompts + fillers(64 - len(parity_prompts))
-    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    params = [GREEDY] * len(prompts)
+    params[3] = GREEDY.clone(prompt_logprobs=2)  # the long prompt, chunked in one case
+    outs = llm.generate(prompts, params, use_tqdm=False)
     for out, want in zip(outs, expected, strict=False):
         assert out.outputs[0].token_ids == want
+    check_prompt_logprobs(outs[3], *long_prompt_logprobs, num=2)
     assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outs)
     m = llm.get_metrics()
     assert m["num_free_kv_blocks"] == m["num_kv_blocks"]
@@ -168,6 +195,18 @@ def test_logprobs_returned_per_token(llm):
     )
 
 
+def test_prompt_logprobs_match_reference(llm, long_prompt_logprobs):
+    ids, reference = long_prompt_logprobs
+    params = SamplingParams(max_tokens=2, prompt_logprobs=5)
+    [out] = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+    check_prompt_logprobs(out, ids, reference, num=5)
+    [again] = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+    assert again.num_cached_tokens == 0  # scoring the prompt means computing all of it
+    assert [e and e[i].logprob for e, i in zip(again.prompt_logprobs, ids, strict=True)] == [
+        e and e[i].logprob for e, i in zip(out.prompt_logprobs, ids, strict=True)
+    ]
+
+
 def test_parallel_sampling_shares_prompt_blocks(llm, tokenizer):
     # random tokens: a high-entropy next-token distribution, so the 4 samples differ
     prompt_ids = torch.randint(
@@ -206,7 +245,7 @@ def test_bad_input_is_refused_and_engine_keeps_serving(llm):
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match="prompt_logprobs"):
-        llm.generate("hi", SamplingParams(prompt_logprobs=1), use_tqdm=False)
+        llm.generate("hi", SamplingParams(prompt_logprobs=21), use_tqdm=False)
     with pytest.raises(ValueError, match="prompt must not be empty"):
         llm.generate("", GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="prompt_token_ids"):
