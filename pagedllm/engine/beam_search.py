@@ -119,6 +119,7 @@ def _step(engine: LLMEngine, owner: dict[str, _PromptSearch]) -> int:
         _requeue_waiting_beams(engine, owner)
         return 0
     sampled = engine.runner.execute(sched, scheduler.requests).sampled
+    engine.count_tokens(sched, sampled)
     for request_id, row in sampled.items():
         assert row.logprobs is not None  # every beam asks for logprobs
         top_ids, top_logprobs, _, _ = row.logprobs[0]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.model.loader import load_model, resolve_model_path
@@ -173,12 +174,9 @@ class LLMEngine:
             for s in sched.scheduled_requests
             if s.samples and s.request_id in self._pending_fork
         }
-        for s in sched.scheduled_requests:  # prompt positions computed this step
-            prompt_len = requests[s.request_id].num_prompt_tokens
-            before = s.num_computed_tokens_before
-            self.prompt_tokens_total += max(0, min(before + s.num_new_tokens, prompt_len) - before)
         result = self.runner.execute(sched, requests, num_samples)
         sampled = result.sampled
+        self.count_tokens(sched, sampled)
         ended_at_fork: dict[str, Request] = {}
         for parent_id in num_samples:
             ended_at_fork |= self._fork(parent_id, sampled)
@@ -187,7 +185,6 @@ class LLMEngine:
         )
         finished_by_id = {r.request_id: r for r in finished}
         finished_by_id.update(ended_at_fork)
-        self.generation_tokens_total += sum(len(r.token_ids) for r in sampled.values())
         outputs, stopped = self.output_processor.process(
             sampled,
             requests,
@@ -200,6 +197,15 @@ class LLMEngine:
                 r.stop_reason = "stop string"
         self.runner.release([*finished_by_id, *stopped])
         return outputs
+
+    def count_tokens(self, sched: SchedulerOutput, sampled: dict[str, SampledRow]) -> None:
+        """Add a step's prompt positions computed and tokens sampled to the counters."""
+        requests = self.scheduler.requests
+        for s in sched.scheduled_requests:
+            prompt_len = requests[s.request_id].num_prompt_tokens
+            before = s.num_computed_tokens_before
+            self.prompt_tokens_total += max(0, min(before + s.num_new_tokens, prompt_len) - before)
+        self.generation_tokens_total += sum(len(r.token_ids) for r in sampled.values())
 
     def _fork(self, parent_id: str, sampled: dict[str, SampledRow]) -> dict[str, Request]:
         """Split an n > 1 request's first draws: the parent keeps one, children the rest.

@@ -124,8 +124,15 @@ def test_beam_search_matches_reference_and_shares_blocks(llm, hf_reference, monk
     params = BeamSearchParams(BEAM_WIDTH, MAX_TOKENS, length_penalty=1.0, ignore_eos=True)
     prompts = ["The capital of France is", ENGLISH]
     seen = spy_on_scheduler(llm, monkeypatch)
+    before = llm.get_metrics()
     outputs = llm.beam_search(prompts, params)
     assert_no_block_leaked(llm)
+    after = llm.get_metrics()
+    # every prompt computed once at least; every live beam samples one token per step
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] >= prompt_tokens
+    generated = after["generation_tokens_total"] - before["generation_tokens_total"]
+    assert len(prompts) * MAX_TOKENS <= generated <= len(prompts) * BEAM_WIDTH * MAX_TOKENS
 
     eos = llm.get_tokenizer().eos_token_id
     block_size = llm.engine.args.block_size

@@ -70,6 +70,7 @@ def fake_engine(num_blocks: int, block_size: int = 4, max_num_seqs: int = 64):
         new_request_id=lambda: str(next(ids)),
         has_unfinished_requests=scheduler.has_unfinished_requests,
         tokenize_prompt=lambda prompt: (None, list(prompt)),
+        count_tokens=lambda sched, sampled: None,
     )
 
 
