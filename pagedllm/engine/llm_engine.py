@@ -36,8 +36,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: float32 on CPU (these CPUs have no AMX: bf16 matmuls ran no faster and
-    up to 1.5x slower than fp32), bfloat16 on CUDA where supported, else float16."""
+    """`auto`: float32 on CPU, bfloat16 on CUDA where supported, else float16.
+
+    On the CPU bf16 was 1.34x faster at batch 1 and no faster at batch 32 (no AMX),
+    and its greedy tokens left fp32's within 32 tokens on some prompts: fp32 is the
+    fastest faithful choice (BENCHMARKS.md, benchmarks/bench_dtype.py)."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
