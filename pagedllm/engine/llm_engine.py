@@ -18,6 +18,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.step_stats import StepStats
 from pagedllm.model.loader import load_model, resolve_model_path
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import Request, RequestStatus
@@ -88,6 +89,7 @@ class LLMEngine:
         self._pending_fork: dict[str, int] = {}  # n > 1 requests not yet forked
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.step_stats = StepStats()
 
     # ------------------------------------------------------------------ intake
 
@@ -169,8 +171,11 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration of continuous batching; returns the outputs that changed."""
+        start = time.perf_counter()
         scheduler = self.scheduler
         sched = scheduler.schedule()
+        self.step_stats.observe_schedule(scheduler)
+        scheduled_at = time.perf_counter()
         requests = scheduler.requests
         num_samples = {
             s.request_id: self._pending_fork[s.request_id]
@@ -178,6 +183,7 @@ class LLMEngine:
             if s.samples and s.request_id in self._pending_fork
         }
         result = self.runner.execute(sched, requests, num_samples)
+        executed_at = time.perf_counter()
         sampled = result.sampled
         self.count_tokens(sched, sampled)
         ended_at_fork: dict[str, Request] = {}
@@ -199,6 +205,7 @@ class LLMEngine:
             for r in scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED):
                 r.stop_reason = "stop string"
         self.runner.release([*finished_by_id, *stopped])
+        self.step_stats.add_step(start, scheduled_at, executed_at, time.perf_counter())
         return outputs
 
     def count_tokens(self, sched: SchedulerOutput, sampled: dict[str, SampledRow]) -> None:

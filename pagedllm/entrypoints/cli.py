@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pagedllm.benchmarks import cli as bench_cli
 from pagedllm.entrypoints.cli_args import HelpFormatter, add_model_arg
 from pagedllm.model.loader import ModelLoadError
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arg(inspect)
     inspect.set_defaults(func=_inspect)
+    bench_cli.register(sub)
     return parser
 
 

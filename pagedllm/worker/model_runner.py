@@ -12,6 +12,7 @@ from pagedllm.request import Request
 from pagedllm.sample.logprobs import LogprobsTensors, compute_prompt_logprobs
 from pagedllm.sample.metadata import RowSamplingState, SamplingMetadata, seeded_generator
 from pagedllm.sample.sampler import Sampler
+from pagedllm.worker.forward_timer import ForwardTimer
 from pagedllm.worker.kv_cache import copy_blocks
 
 
@@ -63,6 +64,7 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
+        self.forward_timer = ForwardTimer(device)
 
     def generator_for(self, request: Request) -> torch.Generator | None:
         """The request's own random stream when it is seeded, made on first use."""
@@ -111,9 +113,9 @@ class ModelRunner:
             query_lens.append(s.num_new_tokens)
             tables.append(output.block_tables[s.request_id])
         meta = AttentionMetadata.build(seq_lens, query_lens, tables, self.block_size, self.device)
-        hidden = self.model(
-            torch.tensor(input_ids, device=self.device), meta.positions, self.kv_caches, meta
-        )
+        ids = torch.tensor(input_ids, device=self.device)
+        with self.forward_timer:
+            hidden = self.model(ids, meta.positions, self.kv_caches, meta)
         prompt_logprobs = self._prompt_logprobs(output, requests, hidden, meta)
         return RunnerOutput(
             self._sample(output, requests, hidden, meta, num_samples), prompt_logprobs
@@ -133,7 +135,8 @@ class ModelRunner:
         if not sampling:
             return {}
         last_rows = meta.query_start_loc[1:][sampling] - 1
-        logits = self.model.compute_logits(hidden[last_rows])
+        with self.forward_timer:  # the LM head is model compute too
+            logits = self.model.compute_logits(hidden[last_rows])
 
         rows: list[RowSamplingState] = []
         row_logits: list[int] = []

@@ -36,6 +36,7 @@ def test_allocates_a_block_only_when_the_last_is_full():
     assert stats.num_token_slots_used == 9
     assert stats.num_token_slots_wasted == 3  # less than one block
     assert stats.kv_utilization == pytest.approx(9 / 12)
+    assert kv.slot_usage() == (9, 12)
     kv.check_invariants({"a"}, {"a": req})
 
 
@@ -156,6 +157,7 @@ def test_fork_shares_blocks_and_copies_on_first_write():
     assert kv.get_block_ids("c") == shared
     assert [kv.block_pool.blocks[i].ref_cnt for i in shared] == [2, 2]
     kv.check_invariants({"p", "c"}, {"p": parent, "c": child})
+    assert kv.slot_usage() == (6, 8)  # the shared partial block counts once
     # The parent writes into the shared partial block: it gets a copy.
     assert compute(kv, parent, 1) == []
     copies = kv.take_pending_copies()

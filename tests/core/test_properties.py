@@ -223,6 +223,9 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
             assert seen == request.all_token_ids[:n], f"{request.request_id} reads wrong KV"
         for block_hash, block in kv.block_pool.cached_block_hash_to_block.items():
             assert self.slots[block.block_id] == self.chains[block_hash]
+        stats = kv.stats()
+        allocated = stats.num_blocks_used * self.size
+        assert kv.slot_usage() == (stats.num_token_slots_used, allocated)
 
     def teardown(self) -> None:
         for request_id in list(self.requests):

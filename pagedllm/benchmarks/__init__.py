@@ -1,0 +1,1 @@
+"""Benchmarks: seeded datasets, and the throughput and latency commands (`pagedllm bench`)."""
