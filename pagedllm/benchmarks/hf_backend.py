@@ -36,10 +36,17 @@ def load_hf_model(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
 
 
 class HFBackend:
-    """Runs benchmark requests through `model.generate`, sampling at temperature 1."""
+    """Runs benchmark requests through `model.generate` (greedy when temperature is 0)."""
 
-    def __init__(self, model: Any, eos_token_id: int | None, pad_token_id: int | None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        eos_token_id: int | None,
+        pad_token_id: int | None,
+        temperature: float = 1.0,
+    ) -> None:
         self.model = model
+        self.temperature = temperature
         self.device = next(model.parameters()).device
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
@@ -57,15 +64,17 @@ class HFBackend:
         mask = torch.tensor(
             [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device
         )
+        sampling: dict[str, Any] = (
+            {"do_sample": False}
+            if self.temperature == 0
+            else {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
+        )
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             min_new_tokens=0,
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
+            **sampling,
             num_return_sequences=n,
             pad_token_id=pad,
             # no EOS: every row runs to max_new_tokens, as ignore_eos asks

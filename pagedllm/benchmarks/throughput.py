@@ -63,6 +63,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--n", type=int, default=1, help="completions per prompt")
     data.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy"
+    )
+    data.add_argument(
         "--ignore-eos", action="store_true", help="generate every requested token, past EOS"
     )
     run = parser.add_argument_group("backends and report")
@@ -90,6 +93,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("num_prompts", "n", "hf_batch_size", "input_len", "output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.temperature == 0 and args.n > 1:
+        raise ValueError("--n > 1 needs sampling: greedy completions would all be the same")
     if args.dataset == "file" and not args.dataset_path:
         raise ValueError("--dataset file needs --dataset-path")
 
@@ -163,7 +170,7 @@ def run_pagedllm(
     params = [
         SamplingParams(
             n=args.n,
-            temperature=1.0,
+            temperature=args.temperature,
             top_p=1.0,
             ignore_eos=args.ignore_eos,
             max_tokens=r.output_len,
@@ -198,7 +205,9 @@ def run_hf(
     from pagedllm.benchmarks.hf_backend import HFBackend, load_hf_model, run_hf_benchmark
 
     model = load_hf_model(path, dtype, device)
-    backend = HFBackend(model, tokenizer.eos_token_id, tokenizer.hf.pad_token_id)
+    backend = HFBackend(
+        model, tokenizer.eos_token_id, tokenizer.hf.pad_token_id, temperature=args.temperature
+    )
     torch.manual_seed(args.seed)
     timing, lengths = run_hf_benchmark(
         backend, requests, args.hf_batch_size, args.n, args.ignore_eos
@@ -262,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n": args.n,
         "ignore_eos": args.ignore_eos,
         "seed": args.seed,
+        "temperature": args.temperature,
         "prompt_tokens": sum(r.prompt_len for r in requests),
         "output_tokens_requested": sum(r.output_len for r in requests) * args.n,
         "engine_args": dataclasses.asdict(engine_args),
