@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pagedllm.entrypoints.cli_args import HelpFormatter, add_model_arg
+from pagedllm.entrypoints.serve import add_serve_parser
 from pagedllm.model.loader import ModelLoadError
 
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arg(inspect)
     inspect.set_defaults(func=_inspect)
+    add_serve_parser(sub)
     return parser
 
 
