@@ -87,13 +87,27 @@ def from_exception(error: BaseException, params: tuple[str, ...] = ()) -> APIErr
 
 def validation_error(error: ValidationError | RequestValidationError) -> APIError:
     """A 400 naming the first invalid field, e.g. `messages[0].role`."""
-    first = error.errors()[0]
-    loc = [p for p in first.get("loc", ()) if p != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    errors = error.errors()
+    first = errors[0]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('msg')}")
+    loc = _loc(first)
+    message = first.get("msg", "invalid value")
+    # A value that matches no member of a union fails once per member, each location
+    # naming the member (`prompt.str`, `prompt.list[int]`): report the field they share.
+    same_field = [_loc(e) for e in errors if _loc(e)[:1] == loc[:1]]
+    if len(same_field) > 1:
+        n = 0
+        while all(len(other) > n and other[n] == loc[n] for other in same_field):
+            n += 1
+        loc, message = loc[:n], "the value matches none of the accepted types"
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     where = f"{param}: " if param else ""
-    return APIError(400, f"{where}{first.get('msg')}", param=param or None)
+    return APIError(400, f"{where}{message}", param=param or None)
+
+
+def _loc(error: Any) -> tuple:
+    return tuple(p for p in error.get("loc", ()) if p != "body")
 
 
 def install_error_handlers(app: FastAPI) -> None:

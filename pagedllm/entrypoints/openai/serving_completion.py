@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pagedllm.engine.async_llm import RequestStream
-from pagedllm.entrypoints.openai.errors import bad_request
+from pagedllm.entrypoints.openai.errors import APIError, bad_request
 from pagedllm.entrypoints.openai.protocol import SAMPLING_PARAM_NAMES, CompletionRequest
 from pagedllm.entrypoints.openai.serving_base import (
     OpenAIServing,
@@ -69,9 +69,12 @@ class CompletionServing(OpenAIServing):
         return await until_disconnect(raw, self._full(body, header, prompts, streams, num))
 
     def _prompt(self, prompt: str | list[int]) -> _Prompt:
+        try:
+            ids = self.llm.tokenize_prompt(prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from e
         if isinstance(prompt, str):
-            return _Prompt(prompt, self.llm.tokenize_prompt(prompt))
-        ids = self.llm.tokenize_prompt(prompt)
+            return _Prompt(prompt, ids)
         return _Prompt(self.tokenizer.decode(ids, skip_special_tokens=False), ids)
 
     async def _full(
