@@ -9,7 +9,7 @@ import openai
 import pytest
 
 import pagedllm
-from tests.entrypoints.conftest import MODEL, metric_value, wait_for
+from tests.entrypoints.conftest import MODEL, ServerThread, metric_value, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -258,3 +258,59 @@ def test_health_version_tokenize_detokenize(server, async_llm):
     assert back == {"prompt": "Hello world"}
     chat = httpx.post(server.url + "/tokenize", json={"messages": CHAT}).json()
     assert chat["count"] > r["count"]
+
+
+def test_non_streaming_request_is_aborted_when_its_client_leaves(server):
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 1000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+
+    def idle() -> bool:
+        text = httpx.get(server.url + "/metrics").text
+        return metric_value(text, "pagedllm:num_requests_running") == 0
+
+    assert wait_for(idle, timeout=10)
+    text = httpx.get(server.url + "/metrics").text
+    assert metric_value(text, "pagedllm:generation_tokens_total") < 10_000
+
+
+@pytest.fixture(scope="module")
+def page_server(async_llm, tmp_path_factory):
+    from pagedllm.entrypoints.openai.api_server import build_app
+
+    webui = tmp_path_factory.mktemp("webui")
+    (webui / "index.html").write_text("<!doctype html><title>chat</title>")
+    (webui / "static").mkdir()
+    (webui / "static" / "app.js").write_text("console.log(1)")
+    app = build_app(
+        async_llm, [MODEL], api_key="k", allowed_origins=["http://example.com"], webui_dir=webui
+    )
+    with ServerThread(app) as running:
+        yield running
+
+
+def test_web_page_and_static_files_are_served_without_a_key(page_server):
+    r = httpx.get(page_server.url + "/")
+    assert r.status_code == 200 and "<title>chat</title>" in r.text
+    assert r.headers["content-type"].startswith("text/html")
+    assert httpx.get(page_server.url + "/static/app.js").text == "console.log(1)"
+
+
+def test_cors_is_off_by_default_and_on_for_allowed_origins(server, page_server):
+    origin = {"Origin": "http://example.com"}
+    assert (
+        "access-control-allow-origin"
+        not in httpx.get(server.url + "/v1/models", headers=origin).headers
+    )
+    preflight = httpx.options(
+        page_server.url + "/v1/chat/completions",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200  # no key needed to ask
+    assert preflight.headers["access-control-allow-origin"] == "http://example.com"
+    r = httpx.get(page_server.url + "/v1/models", headers={**origin, "Authorization": "Bearer k"})
+    assert r.headers["access-control-allow-origin"] == "http://example.com"

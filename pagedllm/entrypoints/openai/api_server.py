@@ -123,13 +123,14 @@ def build_app(
         chat.check_model(body.model)
         try:
             if body.messages is not None:
-                ids = chat.render(
+                ids = await chat.render(
                     ChatCompletionRequest(
                         messages=body.messages, add_generation_prompt=body.add_generation_prompt
                     )
                 )
             elif body.prompt is not None:
-                ids = llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+                text, special = body.prompt, body.add_special_tokens
+                ids = await chat.off_loop(lambda: llm.tokenizer.encode(text, special), len(text))
             else:
                 raise ValueError("prompt or messages is required")
         except ValueError as e:
@@ -185,7 +186,14 @@ def run_server(args: argparse.Namespace) -> int:
     )
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # Streams still open at Ctrl-C get a few seconds, then are cut (and aborted).
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
     finally:
         llm.shutdown()
     return 0

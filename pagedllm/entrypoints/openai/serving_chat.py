@@ -48,21 +48,25 @@ class _Choice:
 class ChatServing(OpenAIServing):
     """Builds OpenAI `chat.completion` responses and chunks from engine deltas."""
 
-    def render(self, body: ChatCompletionRequest) -> list[int]:
+    async def render(self, body: ChatCompletionRequest) -> list[int]:
         """The conversation's prompt token ids (ValueError when the template refuses it)."""
         if not body.messages:
             raise ValueError("messages must not be empty")
-        text = self.tokenizer.apply_chat_template(
-            [m.to_template() for m in body.messages],
-            add_generation_prompt=body.add_generation_prompt is not False,
-        )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        messages = [m.to_template() for m in body.messages]
+
+        def encode() -> list[int]:
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=body.add_generation_prompt is not False
+            )
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+        return await self.off_loop(encode, sum(len(m["content"]) for m in messages))
 
     async def create(self, body: ChatCompletionRequest, raw: Request) -> Response:
         model = self.check_model(body.model)
         try:
             params = body.to_sampling_params()
-            prompt_ids = self.render(body)
+            prompt_ids = await self.render(body)
         except ValueError as e:
             raise bad_request(e, _PARAMS) from e
         self.check_length(len(prompt_ids), params, "messages")

@@ -55,7 +55,7 @@ class CompletionServing(OpenAIServing):
         model = self.check_model(body.model)
         try:
             params = body.to_sampling_params()
-            prompts = [self._prompt(p) for p in body.prompts()]
+            prompts = [await self._prompt(p) for p in body.prompts()]
         except ValueError as e:
             raise bad_request(e, (*SAMPLING_PARAM_NAMES, "prompt", "suffix", "best_of")) from e
         for p in prompts:
@@ -68,9 +68,9 @@ class CompletionServing(OpenAIServing):
             return SSEResponse(self._stream(body, header, prompts, streams, num))
         return await until_disconnect(raw, self._full(body, header, prompts, streams, num))
 
-    def _prompt(self, prompt: str | list[int]) -> _Prompt:
+    async def _prompt(self, prompt: str | list[int]) -> _Prompt:
         try:
-            ids = self.llm.tokenize_prompt(prompt)
+            ids = await self.off_loop(lambda: self.llm.tokenize_prompt(prompt), len(prompt))
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from e
         if isinstance(prompt, str):
