@@ -7,6 +7,7 @@ import sys
 
 from pagedllm.benchmarks import cli as bench_cli
 from pagedllm.entrypoints.cli_args import HelpFormatter, add_model_arg
+from pagedllm.entrypoints.serve import add_serve_parser
 from pagedllm.model.loader import ModelLoadError
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arg(inspect)
     inspect.set_defaults(func=_inspect)
+    add_serve_parser(sub)
     bench_cli.register(sub)
     return parser
 

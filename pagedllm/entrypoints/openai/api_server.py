@@ -1,0 +1,199 @@
+"""The OpenAI-compatible HTTP server: `build_app` wires the routes, `run_server` serves them.
+
+Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/tokenize`,
+`/detokenize` (behind the API key when one is set), and `/health`, `/version`,
+`/metrics` and the web page at `/` (always open).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
+
+import pagedllm
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.openai.errors import (
+    APIError,
+    GuardMiddleware,
+    bad_request,
+    install_error_handlers,
+)
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from pagedllm.entrypoints.openai.serving_chat import ChatServing
+from pagedllm.entrypoints.openai.serving_completion import CompletionServing
+from pagedllm.entrypoints.serve import DEFAULT_MAX_BODY_BYTES
+from pagedllm.metrics import PrometheusMetrics, StatsLine
+
+logger = logging.getLogger(__name__)
+
+WEBUI_DIR = Path(__file__).resolve().parent.parent / "webui"
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def parse(request: Request, model: type[Body]) -> Body:
+    """Read the body (size-limited by the guard) and validate it; errors become 400s."""
+    return model.model_validate_json(await request.body())
+
+
+def build_app(
+    llm: AsyncLLM,
+    served_model_names: Sequence[str],
+    api_key: str | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_origins: Sequence[str] = (),
+    webui_dir: Path = WEBUI_DIR,
+) -> FastAPI:
+    """A FastAPI app serving `llm` under the given model names (the first is the default)."""
+    if not served_model_names:
+        raise ValueError("served_model_names must name at least one model")
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, api_key=api_key)
+    if allowed_origins:  # outside the guard, so a browser's preflight needs no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    registry = CollectorRegistry()
+    llm.add_stat_logger(PrometheusMetrics(registry, served_model_names[0]))
+    completions = CompletionServing(llm, served_model_names)
+    chat = ChatServing(llm, served_model_names)
+    app.state.llm = llm
+    app.state.registry = registry
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not llm.is_running:
+            raise APIError(503, f"the engine has stopped: {llm.dead_error}")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": pagedllm.__version__})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "pagedllm",
+                "root": str(llm.engine.model_path),
+                "max_model_len": llm.max_model_len,
+            }
+            for name in served_model_names
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/completions")
+    async def create_completion(request: Request) -> Response:
+        return await completions.create(await parse(request, CompletionRequest), request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: Request) -> Response:
+        return await chat.create(await parse(request, ChatCompletionRequest), request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await parse(request, TokenizeRequest)
+        chat.check_model(body.model)
+        try:
+            if body.messages is not None:
+                ids = await chat.render(
+                    ChatCompletionRequest(
+                        messages=body.messages, add_generation_prompt=body.add_generation_prompt
+                    )
+                )
+            elif body.prompt is not None:
+                text, special = body.prompt, body.add_special_tokens
+                ids = await chat.off_loop(lambda: llm.tokenizer.encode(text, special), len(text))
+            else:
+                raise ValueError("prompt or messages is required")
+        except ValueError as e:
+            raise bad_request(e, ("prompt", "messages")) from e
+        return JSONResponse({"count": len(ids), "max_model_len": llm.max_model_len, "tokens": ids})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await parse(request, DetokenizeRequest)
+        chat.check_model(body.model)
+        vocab = llm.engine.model_config.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad}", param="tokens")
+        return JSONResponse({"prompt": llm.tokenizer.decode(body.tokens)})
+
+    @app.get("/")
+    async def index() -> Response:
+        page = webui_dir / "index.html"
+        if not page.is_file():
+            raise APIError(404, "no web page is installed")
+        return FileResponse(page)
+
+    if (webui_dir / "static").is_dir():
+        app.mount("/static", StaticFiles(directory=webui_dir / "static"), name="static")
+    return app
+
+
+def served_name(model: str | None, model_path: Path) -> str:
+    """The default model name: the argument as given, else the default file's stem."""
+    return model if model else model_path.stem
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """`pagedllm serve`: load the engine, then serve until interrupted."""
+    import uvicorn
+
+    from pagedllm.entrypoints.cli_args import engine_args_from
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+    )
+    stat_loggers = [StatsLine(args.log_stats_interval)] if args.log_stats_interval > 0 else []
+    llm = AsyncLLM.from_engine_args(engine_args_from(args), stat_loggers)
+    names = args.served_model_name or [served_name(args.model, llm.engine.model_path)]
+    app = build_app(
+        llm,
+        names,
+        api_key=args.api_key,
+        max_body_bytes=args.max_request_body_bytes,
+        allowed_origins=args.allowed_origins or (),
+    )
+    logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)
+    try:
+        # Streams still open at Ctrl-C get a few seconds, then are cut (and aborted).
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        llm.shutdown()
+    return 0

@@ -1,0 +1,226 @@
+"""Errors in OpenAI's shape, and the guards that run before a request reaches a route.
+
+Every failure the server reports, from a bad field to an unknown route, is a JSON
+body `{"error": {"message", "type", "param", "code"}}` with the HTTP status
+OpenAI uses. The guard middleware refuses oversized bodies (413) and requests
+without the API key (401) before any routing or parsing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagedllm.core.scheduler import QueueFullError
+from pagedllm.engine.async_llm import EngineDeadError, RequestFailedError
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "internal_server_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error to send back: HTTP status, message, and the parameter it concerns."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        err_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = err_type or _TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def bad_request(error: ValueError, params: tuple[str, ...] = ()) -> APIError:
+    """A 400 from a ValueError whose message begins with the field it names."""
+    message = str(error)
+    first = message.split(" ", 1)[0]
+    return APIError(400, message, param=first if first in params else None)
+
+
+def from_exception(error: BaseException, params: tuple[str, ...] = ()) -> APIError:
+    """The APIError for an exception raised while serving a request."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, QueueFullError):
+        return APIError(503, str(error), code="queue_full")
+    if isinstance(error, ValueError):
+        return bad_request(error, params)
+    if isinstance(error, EngineDeadError | RequestFailedError):
+        return APIError(500 if isinstance(error, RequestFailedError) else 503, str(error))
+    return APIError(500, f"internal error: {type(error).__name__}: {error}")
+
+
+def validation_error(error: ValidationError | RequestValidationError) -> APIError:
+    """A 400 naming the first invalid field, e.g. `messages[0].role`."""
+    errors = error.errors()
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}")
+    loc = _loc(first)
+    message = first.get("msg", "invalid value")
+    # A value that matches no member of a union fails once per member, each location
+    # naming the member (`prompt.str`, `prompt.list[int]`): report the field they share.
+    same_field = [_loc(e) for e in errors if _loc(e)[:1] == loc[:1]]
+    if len(same_field) > 1:
+        n = 0
+        while all(len(other) > n and other[n] == loc[n] for other in same_field):
+            n += 1
+        loc, message = loc[:n], "the value matches none of the accepted types"
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    where = f"{param}: " if param else ""
+    return APIError(400, f"{where}{message}", param=param or None)
+
+
+def _loc(error: Any) -> tuple:
+    return tuple(p for p in error.get("loc", ()) if p != "body")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Turn every exception a route can raise into OpenAI's error shape."""
+
+    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return exc.response()
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, message or str(exc.detail)).response(exc.headers)
+
+    async def invalid(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError | ValidationError)
+        return validation_error(exc).response()
+
+    async def too_large(_: Request, exc: Exception) -> JSONResponse:
+        return _too_large(str(exc)).response({"Connection": "close"})
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(ValidationError, invalid)
+    app.add_exception_handler(BodyTooLargeError, too_large)
+
+
+class BodyTooLargeError(Exception):
+    """A streamed (chunked) body grew past the limit while a route was reading it."""
+
+
+def _too_large(message: str) -> APIError:
+    return APIError(413, message, code="request_too_large")
+
+
+class GuardMiddleware:
+    """Body-size limit and API key, checked before routing (pure ASGI, streaming-safe).
+
+    The size is checked on Content-Length before a byte is read, and counted while a
+    chunked body streams in, so an oversized body is never held whole. The key is
+    compared in constant time; only paths under `guarded_prefixes` need it.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        api_key: str | None = None,
+        guarded_prefixes: tuple[str, ...] = ("/v1", "/tokenize", "/detokenize"),
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+        self.guarded_prefixes = guarded_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        limit = self.max_body_bytes
+        error = self._refusal(scope["path"], headers)
+        if error is not None:
+            extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+            await _send_error(send, error, extra)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLargeError(
+                        f"request body is over the limit of {limit} bytes",
+                    )
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+        """Why the request is refused before its body is read, if it is."""
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return APIError(400, "invalid Content-Length header")
+            if int(length) > self.max_body_bytes:
+                return _too_large(
+                    f"request body is {int(length)} bytes; the limit is {self.max_body_bytes}"
+                )
+        guarded = self.api_key is not None and path.startswith(self.guarded_prefixes)
+        if guarded and not self._authorized(headers.get(b"authorization", b"")):
+            return APIError(401, "invalid or missing API key", code="invalid_api_key")
+        return None
+
+    def _authorized(self, header: bytes) -> bool:
+        assert self.api_key is not None
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            token = b""
+        return hmac.compare_digest(token.strip(), self.api_key)
+
+
+async def _send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error.body()).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if error.status == 413:
+        raw_headers.append((b"connection", b"close"))
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
