@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pagedllm.entrypoints import chat, generate
 from pagedllm.entrypoints.cli_args import HelpFormatter, add_model_arg
 from pagedllm.model.loader import ModelLoadError
 
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arg(inspect)
     inspect.set_defaults(func=_inspect)
+    generate.register(sub)
+    chat.register(sub)
     return parser
 
 
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as e:
         print(f"pagedllm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading: no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 def run() -> None:
