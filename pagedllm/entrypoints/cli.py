@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pagedllm.benchmarks import cli as bench_cli
+from pagedllm.entrypoints import chat, generate
 from pagedllm.entrypoints.cli_args import HelpFormatter, add_model_arg
 from pagedllm.entrypoints.serve import add_serve_parser
 from pagedllm.model.loader import ModelLoadError
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arg(inspect)
     inspect.set_defaults(func=_inspect)
     add_serve_parser(sub)
+    generate.register(sub)
+    chat.register(sub)
     bench_cli.register(sub)
     return parser
 
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as e:
         print(f"pagedllm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading: no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 def run() -> None:

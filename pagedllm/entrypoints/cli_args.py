@@ -14,6 +14,7 @@ import typing
 from typing import Any
 
 from pagedllm.config import DTYPES, ENGINE_ARG_HELP, EngineArgs
+from pagedllm.sampling_params import SamplingParams
 
 _CHOICES = {"dtype": DTYPES, "scheduling_policy": ("fcfs", "priority")}
 
@@ -79,3 +80,46 @@ def check_help_text() -> None:
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None, help=ENGINE_ARG_HELP["model"])
+
+
+# Sampling flags of the terminal commands, named and defaulted as llama.cpp's:
+# (flag, SamplingParams field, type, default, help).
+SAMPLING_FLAGS: tuple[tuple[str, str, type, Any, str], ...] = (
+    ("--temp", "temperature", float, 0.8, "sampling temperature; 0 is greedy"),
+    ("--top-k", "top_k", int, 40, "keep the k most likely tokens; 0 keeps all"),
+    ("--top-p", "top_p", float, 0.95, "keep the smallest set of tokens whose probability ≥ p"),
+    ("--min-p", "min_p", float, 0.05, "drop tokens below min-p × the top token's probability"),
+    ("--repeat-penalty", "repetition_penalty", float, 1.0, "penalty on repeated tokens; 1 is off"),
+)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """Add llama.cpp-style sampling flags; `--seed` is the engine's (see add_engine_args)."""
+    group = parser.add_argument_group("sampling")
+    for flag, _, tp, default, help_text in SAMPLING_FLAGS:
+        group.add_argument(flag, type=tp, default=default, help=help_text)
+    group.add_argument(
+        "-n",
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help="most tokens to generate; -1: until end of text or the context is full",
+    )
+    group.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past the end-of-text token",
+    )
+
+
+def sampling_params_from(namespace: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from parsed sampling flags; a bad value raises ValueError naming it."""
+    values = {
+        field: getattr(namespace, flag[2:].replace("-", "_")) for flag, field, *_ in SAMPLING_FLAGS
+    }
+    max_tokens = namespace.max_tokens
+    return SamplingParams(
+        **values,
+        max_tokens=None if max_tokens == -1 else max_tokens,
+        ignore_eos=namespace.ignore_eos,
+    )
