@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pagedllm.model.config import ModelArchConfig
+from pagedllm.model.layers.linear import BlockQuantWeight, block_quant_supported
 from pagedllm.model.loader.errors import ModelLoadError
 from pagedllm.model.loader.gguf import load_gguf
 from pagedllm.model.loader.gguf import read_config as read_gguf_config
@@ -67,12 +68,14 @@ def read_model_config(model: str | Path | None) -> ModelArchConfig:
 
 
 def load_tensors(
-    model: str | Path | None, dtype: torch.dtype
-) -> tuple[Path, ModelArchConfig, dict[str, torch.Tensor]]:
-    """Config and Hugging Face-named tensors from a GGUF file or a safetensors folder."""
+    model: str | Path | None, dtype: torch.dtype, *, keep_blocks: bool = False
+) -> tuple[Path, ModelArchConfig, dict[str, torch.Tensor], dict[str, BlockQuantWeight]]:
+    """Config and Hugging Face-named tensors from a GGUF file or a safetensors folder, and
+    (with `keep_blocks`) a GGUF's block-quantized weights as blocks too."""
     path = resolve_model_path(model)
-    config, tensors = load_gguf(path, dtype) if _is_gguf(path) else load_safetensors(path, dtype)
-    return path, config, tensors
+    if _is_gguf(path):
+        return path, *load_gguf(path, dtype, keep_blocks=keep_blocks)
+    return path, *load_safetensors(path, dtype), {}
 
 
 def load_model(
@@ -83,9 +86,11 @@ def load_model(
     """Build the model class registered for the file's architecture and fill its weights."""
     from pagedllm.model.models.registry import model_class_for
 
-    path, config, tensors = load_tensors(model, dtype)
+    device = torch.device(device)
+    keep_blocks = block_quant_supported(dtype, device)
+    path, config, tensors, blocks = load_tensors(model, dtype, keep_blocks=keep_blocks)
     cls = model_class_for(config.architecture, path)
     with torch.device("meta"):
         module = cls(config)
-    module.load_weights(tensors, path, dtype=dtype, device=torch.device(device))
+    module.load_weights(tensors, path, dtype=dtype, device=device, block_weights=blocks)
     return module.eval()

@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
 from pagedllm.model.config import ModelArchConfig
+from pagedllm.model.layers.linear import BLOCK_QUANT_TYPES, BlockQuantWeight
 from pagedllm.model.loader.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
@@ -213,22 +214,35 @@ def reverse_permute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def load_gguf(
-    path: str | Path, dtype: torch.dtype
-) -> tuple[ModelArchConfig, dict[str, torch.Tensor]]:
-    """A GGUF model: its config and its tensors under Hugging Face names."""
+    path: str | Path, dtype: torch.dtype, *, keep_blocks: bool = False
+) -> tuple[ModelArchConfig, dict[str, torch.Tensor], dict[str, BlockQuantWeight]]:
+    """A GGUF model: its config, its tensors under Hugging Face names, and (with
+    `keep_blocks`) the Q4_0/Q4_1/Q8_0 weights also as their blocks, for the quantized
+    small-batch matmuls of `Linear`."""
     reader = open_gguf(path)
     config = read_config(path, reader)
     tensors: dict[str, torch.Tensor] = {}
+    blocks: dict[str, BlockQuantWeight] = {}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
         # rotary frequency factors stay in float32: they scale angles, not activations
         value = dequantize(path, tensor, torch.float32 if name == "rope_freqs" else dtype)
+        block = None
+        if keep_blocks and tensor.tensor_type in BLOCK_QUANT_TYPES and value.dim() == 2:
+            block = BlockQuantWeight.from_gguf(tensor.data, tensor.tensor_type)
         if config.architecture in _PERMUTED_QK_ARCHS:
+            heads = None
             if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-                value = reverse_permute_qk(value, config.num_heads)
+                heads = config.num_heads
             elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-                value = reverse_permute_qk(value, config.num_kv_heads)
+                heads = config.num_kv_heads
+            if heads is not None:
+                value = reverse_permute_qk(value, heads)
+                if block is not None:
+                    block = block.map_rows(lambda rows, h=heads: reverse_permute_qk(rows, h))
         tensors[name] = value
-    return config, tensors
+        if block is not None:
+            blocks[name] = block
+    return config, tensors, blocks

@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.attention import AttentionMetadata, paged_attention
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.activation import silu_and_mul
+from pagedllm.model.layers.linear import BlockQuantWeight, Linear
 from pagedllm.model.layers.rms_norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding, rope_frequencies
 from pagedllm.model.loader.errors import ModelLoadError
@@ -44,10 +44,10 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(
         self,
@@ -70,8 +70,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelArchConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -108,7 +108,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
 
     def forward(
@@ -127,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the rows that sample (the caller selects them first)."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -167,8 +167,14 @@ class LlamaForCausalLM(nn.Module):
         path: str | Path,
         dtype: torch.dtype,
         device: torch.device,
+        block_weights: dict[str, BlockQuantWeight] | None = None,
     ) -> None:
-        """Check names and shapes against the config, fuse projections, move to device."""
+        """Check names and shapes against the config, fuse projections, move to device.
+
+        `block_weights` (Hugging Face names → the file's quantized blocks) are attached to
+        the matching linear layers for their small-batch path; pass them only where
+        `block_quant_supported` says the kernels run.
+        """
         check_shapes(self.expected_shapes(), {k: tuple(v.shape) for k, v in tensors.items()}, path)
         c = self.config
         state: dict[str, torch.Tensor] = {
@@ -198,6 +204,26 @@ class LlamaForCausalLM(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = self._build_rotary(tensors.get("rope_freqs"), path).to(device)
+        if block_weights:
+            self._attach_blocks(block_weights)
+
+    def _attach_blocks(self, blocks: dict[str, BlockQuantWeight]) -> None:
+        """Give each linear layer its weight's blocks (fused layers: the parts' rows, stacked)."""
+        c = self.config
+        cat = BlockQuantWeight.cat
+        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        self.lm_head.block_weight = blocks.get(head)
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj.block_weight = cat(
+                [blocks.get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+            )
+            attn.o_proj.block_weight = blocks.get(p + "self_attn.o_proj.weight")
+            mlp.gate_up_proj.block_weight = cat(
+                [blocks.get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
+            )
+            mlp.down_proj.block_weight = blocks.get(p + "mlp.down_proj.weight")
 
     def _build_rotary(self, rope_freqs: torch.Tensor | None, path: str | Path) -> RotaryEmbedding:
         c = self.config
