@@ -9,6 +9,7 @@ request is a failed request in the report, not a crashed benchmark.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import time
@@ -47,7 +48,7 @@ class RequestResult:
     @property
     def itls(self) -> list[float]:
         """The gaps between consecutive content chunks."""
-        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(self.chunk_times)]
 
     @property
     def tpot(self) -> float | None:
