@@ -73,6 +73,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     report.add_argument(
         "--plot", default=None, metavar="PNG", help="draw throughput and latency over time"
     )
+    report.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
 
 def _check_args(args: argparse.Namespace) -> dict[str, float] | None:
@@ -145,9 +146,11 @@ def build_payload(
 
 async def _bench(args: argparse.Namespace, slo: dict[str, float] | None) -> dict[str, Any]:
     import httpx
+    from tqdm import tqdm
 
     from pagedllm.benchmarks.serve_client import poisson_arrivals, run_requests
     from pagedllm.benchmarks.serve_metrics import request_rows, serve_report
+    from pagedllm.model.loader import resolve_model_path
     from pagedllm.tokenizer import load_tokenizer
 
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
@@ -171,15 +174,22 @@ async def _bench(args: argparse.Namespace, slo: dict[str, float] | None) -> dict
             file=sys.stderr,
             flush=True,
         )
-        run = await run_requests(
-            client, args.endpoint, payloads, arrivals, args.max_concurrency, args.timeout
-        )
+        with tqdm(total=len(payloads), unit="req", disable=args.disable_tqdm) as bar:
+            run = await run_requests(
+                client,
+                args.endpoint,
+                payloads,
+                arrivals,
+                args.max_concurrency,
+                args.timeout,
+                on_done=lambda _: bar.update(),
+            )
     results: dict[str, Any] = {
         "benchmark": "serve",
         "base_url": args.base_url,
         "endpoint": args.endpoint,
         "model": model,
-        "tokenizer": str(args.tokenizer or "default"),
+        "tokenizer": str(resolve_model_path(args.tokenizer)),
         "dataset": args.dataset,
         "num_prompts": len(requests),
         "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,

@@ -13,7 +13,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,9 +195,11 @@ async def run_requests(
     arrivals: list[float],
     max_concurrency: int | None,
     timeout: float,
+    on_done: Callable[[RequestResult], None] | None = None,
 ) -> RunResult:
     """Send each (payload, prompt_len) at its arrival time, at most `max_concurrency` at
-    once (a request over the limit waits, and its clock starts when it is sent)."""
+    once (a request over the limit waits, and its clock starts when it is sent);
+    `on_done` hears of each request as it ends (a progress bar)."""
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     in_flight = peak = 0
 
@@ -209,11 +211,14 @@ async def run_requests(
         in_flight += 1
         peak = max(peak, in_flight)
         try:
-            return await stream_request(client, url, payload, prompt_len, timeout)
+            result = await stream_request(client, url, payload, prompt_len, timeout)
         finally:
             in_flight -= 1
             if limit is not None:
                 limit.release()
+        if on_done is not None:
+            on_done(result)
+        return result
 
     start = time.perf_counter()
     tasks = [one(p, n, at) for (p, n), at in zip(payloads, arrivals, strict=True)]

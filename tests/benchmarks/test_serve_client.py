@@ -175,13 +175,18 @@ def test_max_concurrency_caps_requests_in_flight():
         in_flight -= 1
         return httpx.Response(200, content=sse_body(text_chunk("a")))
 
+    ended = []
+
     async def go(limit):
         async with fake_client(handler) as client:
             payloads = [({"prompt": [i]}, 1) for i in range(6)]
-            return await run_requests(client, "/v1/completions", payloads, [0.0] * 6, limit, 5.0)
+            return await run_requests(
+                client, "/v1/completions", payloads, [0.0] * 6, limit, 5.0, ended.append
+            )
 
     run = asyncio.run(go(2))
     assert all(r.success for r in run.results) and len(run.results) == 6
+    assert sorted(map(id, ended)) == sorted(map(id, run.results))  # each heard of once
     assert run.max_concurrency == 2 and peak == 2
     peak = 0
     assert asyncio.run(go(None)).max_concurrency == 6
