@@ -1,4 +1,4 @@
-"""`pagedllm bench {throughput,latency,serve}`: the benchmark subcommands, registered on the CLI.
+"""`pagedllm bench {throughput,latency,serve}`: the benchmark subcommands on the CLI.
 
 Each benchmark module gives NAME, HELP, `add_cli_args(parser)` and `main(args)`. The
 offline ones run an engine here, so they take the model and every engine argument as
