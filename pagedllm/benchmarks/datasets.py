@@ -13,12 +13,14 @@ Every dataset is seeded and made of token ids, so the pagedllm engine and the
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -201,3 +203,76 @@ def _file_entry(
 def total_lengths(requests: Sequence[SampleRequest]) -> tuple[int, int]:
     """(prompt tokens, output tokens asked for) over all requests."""
     return sum(r.prompt_len for r in requests), sum(r.output_len for r in requests)
+
+
+def add_dataset_args(group: argparse._ActionsContainer) -> None:
+    """The workload flags `bench throughput` and `bench serve` share (their `--seed` is
+    each command's own)."""
+    group.add_argument(
+        "--dataset", choices=DATASETS, default="random", help="where prompts come from"
+    )
+    group.add_argument("--num-prompts", type=int, default=100, help="number of requests")
+    group.add_argument(
+        "--input-len", type=int, default=128, help="random: prompt tokens (after the prefix)"
+    )
+    group.add_argument(
+        "--output-len",
+        type=int,
+        default=128,
+        help="random: tokens to generate; file: for entries without their own output_len",
+    )
+    group.add_argument(
+        "--range-ratio",
+        type=float,
+        default=0.0,
+        help="random: draw lengths uniformly within ± this fraction of --input-len/--output-len",
+    )
+    group.add_argument(
+        "--prefix-len", type=int, default=0, help="random: tokens of a prefix every prompt shares"
+    )
+    group.add_argument("--dataset-path", default=None, help="file: a JSON list of prompts")
+    group.add_argument(
+        "--sharegpt-output-len",
+        type=int,
+        default=None,
+        help="sharegpt-like: generate this many tokens for every request instead of drawing it",
+    )
+
+
+def build_requests(
+    args: argparse.Namespace, tokenizer: Any, vocab_size: int, max_len: int | None
+) -> list[SampleRequest]:
+    """The dataset the flags of `add_dataset_args` describe, seeded by `args.seed`; every
+    request checked against the vocabulary and, when known, the model's length limit."""
+    if args.dataset == "random":
+        requests = random_requests(
+            args.num_prompts,
+            args.input_len,
+            args.output_len,
+            vocab_size,
+            args.range_ratio,
+            args.prefix_len,
+            args.seed,
+            set(tokenizer.hf.all_special_ids),
+        )
+    elif args.dataset == "sharegpt-like":
+        requests = sharegpt_like_requests(
+            args.num_prompts,
+            lambda text: tokenizer.encode(text, add_special_tokens=False),
+            args.seed,
+            min(SHAREGPT_MAX_LEN, max_len or SHAREGPT_MAX_LEN),
+            args.sharegpt_output_len,
+        )
+    else:
+        requests = file_requests(
+            args.dataset_path, tokenizer.encode, args.output_len, args.num_prompts
+        )
+    for i, r in enumerate(requests):
+        if max(r.prompt_token_ids) >= vocab_size:
+            raise ValueError(f"request {i}: token ids must be below the vocabulary ({vocab_size})")
+        if max_len is not None and r.prompt_len + r.output_len > max_len:
+            raise ValueError(
+                f"request {i}: prompt ({r.prompt_len}) plus output ({r.output_len}) tokens "
+                f"exceed max_model_len ({max_len})"
+            )
+    return requests

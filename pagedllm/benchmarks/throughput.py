@@ -16,14 +16,7 @@ import sys
 import time
 from typing import Any
 
-from pagedllm.benchmarks.datasets import (
-    DATASETS,
-    SHAREGPT_MAX_LEN,
-    SampleRequest,
-    file_requests,
-    random_requests,
-    sharegpt_like_requests,
-)
+from pagedllm.benchmarks.datasets import SampleRequest, add_dataset_args, build_requests
 
 NAME = "throughput"
 HELP = "offline throughput of LLM.generate on a dataset, optionally against transformers"
@@ -32,35 +25,7 @@ BACKENDS = ("pagedllm", "hf", "hf-only")
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("workload")
-    data.add_argument(
-        "--dataset", choices=DATASETS, default="random", help="where prompts come from"
-    )
-    data.add_argument("--num-prompts", type=int, default=100, help="number of requests")
-    data.add_argument(
-        "--input-len", type=int, default=128, help="random: prompt tokens (after the prefix)"
-    )
-    data.add_argument(
-        "--output-len",
-        type=int,
-        default=128,
-        help="random: tokens to generate; file: for entries without their own output_len",
-    )
-    data.add_argument(
-        "--range-ratio",
-        type=float,
-        default=0.0,
-        help="random: draw lengths uniformly within ± this fraction of --input-len/--output-len",
-    )
-    data.add_argument(
-        "--prefix-len", type=int, default=0, help="random: tokens of a prefix every prompt shares"
-    )
-    data.add_argument("--dataset-path", default=None, help="file: a JSON list of prompts")
-    data.add_argument(
-        "--sharegpt-output-len",
-        type=int,
-        default=None,
-        help="sharegpt-like: generate this many tokens for every request instead of drawing it",
-    )
+    add_dataset_args(data)
     data.add_argument("--n", type=int, default=1, help="completions per prompt")
     data.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy"
@@ -99,44 +64,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--n > 1 needs sampling: greedy completions would all be the same")
     if args.dataset == "file" and not args.dataset_path:
         raise ValueError("--dataset file needs --dataset-path")
-
-
-def build_requests(
-    args: argparse.Namespace, tokenizer: Any, vocab_size: int, max_len: int
-) -> list[SampleRequest]:
-    """The dataset the flags describe; every request checked against the model's limits."""
-    if args.dataset == "random":
-        requests = random_requests(
-            args.num_prompts,
-            args.input_len,
-            args.output_len,
-            vocab_size,
-            args.range_ratio,
-            args.prefix_len,
-            args.seed,
-            set(tokenizer.hf.all_special_ids),
-        )
-    elif args.dataset == "sharegpt-like":
-        requests = sharegpt_like_requests(
-            args.num_prompts,
-            lambda text: tokenizer.encode(text, add_special_tokens=False),
-            args.seed,
-            min(SHAREGPT_MAX_LEN, max_len),
-            args.sharegpt_output_len,
-        )
-    else:
-        requests = file_requests(
-            args.dataset_path, tokenizer.encode, args.output_len, args.num_prompts
-        )
-    for i, r in enumerate(requests):
-        if max(r.prompt_token_ids) >= vocab_size:
-            raise ValueError(f"request {i}: token ids must be below the vocabulary ({vocab_size})")
-        if r.prompt_len + r.output_len > max_len:
-            raise ValueError(
-                f"request {i}: prompt ({r.prompt_len}) plus output ({r.output_len}) tokens "
-                f"exceed max_model_len ({max_len})"
-            )
-    return requests
 
 
 def _rates(
