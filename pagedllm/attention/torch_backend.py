@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagedllm.attention import cpu_decode
 from pagedllm.attention.metadata import AttentionMetadata
 
 
@@ -96,9 +97,14 @@ def paged_attention(
 def _decode(
     query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """All single-token queries at once over their padded, gathered block tables."""
+    """All single-token queries at once: in place on the CPU (C kernel), else over their
+    padded, gathered block tables."""
     seq_idx = meta.decode_seq_idx
     seq_lens = meta.seq_lens[seq_idx]
+    if cpu_decode.supports(query, kv_cache):
+        return cpu_decode.paged_decode(
+            query[meta.decode_token_idx], kv_cache, meta.block_tables[seq_idx], seq_lens, scale
+        )
     max_len = max(meta.seq_lens_list[i] for i in seq_idx.tolist())
     num_blocks = -(-max_len // meta.block_size)
     tables = meta.block_tables[seq_idx, :num_blocks]

@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pytest
 import torch
 
-from pagedllm.attention import AttentionMetadata, paged_attention
+from pagedllm import cpu_kernels
+from pagedllm.attention import AttentionMetadata, cpu_decode, paged_attention
+
+PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # no -march: no AVX2
+
+
+@pytest.fixture(scope="module")
+def portable_kernel(tmp_path_factory):
+    target = tmp_path_factory.mktemp("kernel") / "portable.so"
+    cpu_kernels.build(cpu_kernels.c_compiler(), cpu_decode.SOURCE, target, PORTABLE_FLAGS)
+    return cpu_decode.declare_kernel(ctypes.CDLL(str(target)))
+
+
+@pytest.fixture(params=["c-kernel", "torch-gather", "portable-c-kernel"])
+def decode_calls(request, monkeypatch):
+    """Run decodes through the CPU kernel (as built here, or without -march), or torch.
+
+    Yields the list of kernel calls (None on the torch path), for tests to check the
+    kernel really ran.
+    """
+    if request.param == "torch-gather":
+        monkeypatch.setattr(cpu_decode, "supports", lambda *a: False)
+        yield None
+        return
+    kernel = cpu_decode.paged_decode_kernel()
+    if kernel is None:
+        pytest.skip("the C kernel does not build here")
+    if request.param == "portable-c-kernel":
+        kernel = request.getfixturevalue("portable_kernel")
+    calls: list[int] = []
+    original = cpu_decode.paged_decode
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args, kernel=kernel)
+
+    monkeypatch.setattr(cpu_decode, "paged_decode", counted)
+    yield calls
 
 
 def reference_attention(q, k, v, scale):
@@ -41,7 +79,7 @@ def _case(seed: int):
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_paged_attention_matches_contiguous_reference(seed):
+def test_paged_attention_matches_contiguous_reference(seed, decode_calls):
     g, block_size, hkv, group, head_dim, seq_lens, query_lens = _case(seed)
     hq = hkv * group
     blocks_needed = [-(-n // block_size) for n in seq_lens]
@@ -72,9 +110,11 @@ def test_paged_attention_matches_contiguous_reference(seed):
     for i, (q, k, v) in enumerate(zip(q_all, full_k, full_v, strict=True)):
         expected = reference_attention(q, k, v, scale)
         torch.testing.assert_close(out[starts[i] : starts[i + 1]], expected, atol=1e-5, rtol=1e-4)
+    if decode_calls is not None and 1 in query_lens:
+        assert decode_calls, "the decodes did not go through the C kernel"
 
 
-def test_shared_blocks_between_sequences_are_read_not_clobbered():
+def test_shared_blocks_between_sequences_are_read_not_clobbered(decode_calls):
     """Two sequences whose tables share a full prefix block see the same prefix keys."""
     g = torch.Generator().manual_seed(0)
     block_size, hkv, hq, d = 4, 2, 4, 8
@@ -97,6 +137,7 @@ def test_shared_blocks_between_sequences_are_read_not_clobbered():
         torch.testing.assert_close(
             out[s:e], reference_attention(qs[i], k, v, d**-0.5), atol=1e-5, rtol=1e-4
         )
+    assert decode_calls is None or decode_calls
 
 
 def test_slot_mapping_and_positions_follow_block_tables():

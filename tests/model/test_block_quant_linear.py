@@ -9,6 +9,8 @@ float32 weights.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from pagedllm.model.layers import cpu_kernels
+from pagedllm import cpu_kernels
+from pagedllm.model.layers import linear
 from pagedllm.model.layers.linear import (
     SMALL_BATCH,
     BlockQuantWeight,
@@ -25,10 +28,11 @@ from pagedllm.model.layers.linear import (
 )
 
 T = GGMLQuantizationType
+PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # no -march: no AVX2
 TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
 
 needs_kernels = pytest.mark.skipif(
-    cpu_kernels.block_quant_library() is None, reason="no C compiler to build the kernels"
+    linear.block_quant_matmul() is None, reason="no C compiler to build the kernels"
 )
 
 
@@ -72,20 +76,21 @@ def test_kernel_refuses_more_rows_than_it_holds():
 
 def test_portable_build_matches_float32_matmul(tmp_path):
     """The C fallback (no AVX2: what an ARM laptop compiles) gives the same products."""
-    compiler = cpu_kernels.shutil.which("cc") or cpu_kernels.shutil.which("gcc")
+    compiler = cpu_kernels.c_compiler()
     if compiler is None:
         pytest.skip("no C compiler")
     target = tmp_path / "portable.so"
-    cpu_kernels.build(compiler, target, ["-O2", "-fopenmp", "-shared", "-fPIC", "-std=c11"])
-    lib = cpu_kernels.load(target)
+    cpu_kernels.build(compiler, linear.SOURCE, target, PORTABLE_FLAGS)
+    kernel = linear.declare_kernel(ctypes.CDLL(str(target)))
     for qtype in TYPES:
         raw, reference = quantized(qtype, 9, 64)
         weight = BlockQuantWeight.from_gguf(raw, qtype)
         x = torch.randn(3, 64)
         y = torch.empty(3, 9)
         mins = None if weight.mins is None else weight.mins.data_ptr()
-        status = lib.block_quant_matmul(
-            8 if weight.kind == "q8" else 4, x.data_ptr(), 3, 64, weight.qs.data_ptr(), weight.scales.data_ptr(), mins, 9,
+        bits = 8 if weight.kind == "q8" else 4
+        status = kernel(
+            bits, x.data_ptr(), 3, 64, weight.qs.data_ptr(), weight.scales.data_ptr(), mins, 9,
             y.data_ptr(), 1,
         )  # fmt: skip
         assert status == 0
@@ -126,12 +131,14 @@ def test_linear_runs_only_small_batches_on_blocks(monkeypatch):
 
 def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("PAGEDLLM_DISABLE_KERNELS", "1")
-    cpu_kernels.block_quant_library.cache_clear()
+    cpu_kernels.compiled.cache_clear()
+    linear.block_quant_matmul.cache_clear()
     try:
-        assert cpu_kernels.block_quant_library() is None
+        assert linear.block_quant_matmul() is None
         assert not block_quant_supported(torch.float32, torch.device("cpu"))
     finally:
-        cpu_kernels.block_quant_library.cache_clear()
+        cpu_kernels.compiled.cache_clear()
+        linear.block_quant_matmul.cache_clear()
 
 
 @needs_kernels

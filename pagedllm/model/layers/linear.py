@@ -11,8 +11,10 @@ agree with the float32 matmul up to summation order.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from pagedllm.model.layers.cpu_kernels import block_quant_library
+from pagedllm import cpu_kernels
 
+SOURCE = Path(__file__).resolve().parent / "csrc" / "block_quant_matmul.c"
 QK = 32  # elements per block in every type handled here
 # Batches up to this many rows take the quantized path: measured crossover on the 2-core
 # AVX2 CPU (SmolLM2-135M layers): 2.3x at 1 row, 3.3x at 4, 1.4x at 8, ~1.3x at 16.
@@ -35,6 +38,21 @@ _LAYOUTS = {
     GGMLQuantizationType.Q8_0: (34, 2, False),
 }
 BLOCK_QUANT_TYPES = frozenset(_LAYOUTS)
+
+
+@functools.cache
+def block_quant_matmul() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The C kernel `block_quant_matmul`, or None where it cannot be built."""
+    lib = cpu_kernels.compiled(SOURCE)
+    return None if lib is None else declare_kernel(lib)
+
+
+def declare_kernel(lib: ctypes.CDLL) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+    c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
+    return cpu_kernels.declare(
+        lib, "block_quant_matmul", c_int, c_ptr, c_int, c_int, c_ptr, c_ptr, c_ptr, c_int,
+        c_ptr, c_int,
+    )  # fmt: skip
 
 
 @dataclass
@@ -116,13 +134,13 @@ class BlockQuantWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 (M <= SMALL_BATCH) @ w^T → [M, N], through the C kernel."""
-        lib = block_quant_library()
-        assert lib is not None, "attach block weights only where the kernels load"
+        kernel = block_quant_matmul()
+        assert kernel is not None, "attach block weights only where the kernel builds"
         x = x.contiguous()
         rows, k = x.shape
         n = self.scales.shape[0]
         y = torch.empty(rows, n, dtype=torch.float32)
-        status = lib.block_quant_matmul(
+        status = kernel(
             4 if self.kind == "q4" else 8,
             ctypes.c_void_p(x.data_ptr()),
             rows,
@@ -141,7 +159,7 @@ class BlockQuantWeight:
 
 def block_quant_supported(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `Linear` can use quantized blocks for a model of this dtype on this device."""
-    return dtype == torch.float32 and device.type == "cpu" and block_quant_library() is not None
+    return dtype == torch.float32 and device.type == "cpu" and block_quant_matmul() is not None
 
 
 class Linear(nn.Linear):
