@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pagedllm.config import CacheConfig, SchedulerConfig
+from pagedllm.core.invariants import require
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request_queue import make_request_queue
 from pagedllm.core.sched_output import ScheduledRequest, SchedulerOutput, SchedulerStats
@@ -414,18 +415,33 @@ class Scheduler:
         )
 
     def check_invariants(self) -> None:
-        """Raise AssertionError unless queues, requests and blocks agree (tests, debug)."""
+        """Raise InvariantError unless queues, requests and blocks agree (tests, debug)."""
         kv = self.kv_cache_manager
-        assert len(self.running) + len(self.waiting) == len(self.requests), "lost a request"
+        require(
+            len(self.running) + len(self.waiting) == len(self.requests),
+            f"lost a request: {len(self.running)} running + {len(self.waiting)} waiting != "
+            f"{len(self.requests)} unfinished",
+        )
         for request in self.running:
-            assert request.status is RequestStatus.RUNNING, f"{request.request_id} not RUNNING"
-            assert self.requests.get(request.request_id) is request
-            assert request.num_computed_tokens <= request.num_tokens
-            num_slots = len(kv.get_block_ids(request.request_id)) * self.block_size
-            assert num_slots >= request.num_computed_tokens, "computed tokens without slots"
+            rid = request.request_id
+            require(request.status is RequestStatus.RUNNING, f"running {rid!r} is not RUNNING")
+            require(self.requests.get(rid) is request, f"running {rid!r} is not a known request")
+            require(
+                request.num_computed_tokens <= request.num_tokens,
+                f"{rid!r} computed more tokens than it has",
+            )
+            num_slots = len(kv.get_block_ids(rid)) * self.block_size
+            require(
+                num_slots >= request.num_computed_tokens,
+                f"{rid!r} has computed tokens without slots",
+            )
         for request in self.waiting:
-            assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-            assert self.requests.get(request.request_id) is request
-            assert request.num_computed_tokens == 0
-            assert not kv.holds_blocks(request.request_id), "a waiting request holds blocks"
+            rid = request.request_id
+            require(
+                request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED),
+                f"waiting {rid!r} has status {request.status.name}",
+            )
+            require(self.requests.get(rid) is request, f"waiting {rid!r} is not a known request")
+            require(request.num_computed_tokens == 0, f"waiting {rid!r} has computed tokens")
+            require(not kv.holds_blocks(rid), f"waiting {rid!r} holds blocks")
         kv.check_invariants(self.requests.keys(), self.requests)
