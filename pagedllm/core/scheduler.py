@@ -52,6 +52,10 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order; forks follow their parent
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions_total = 0
+        # Where a request without max_tokens stops: the end of the context, or of the
+        # whole KV pool when that is smaller (the last sampled token needs no slot).
+        # Without the cap such a request would be refused outright on a small pool.
+        self.default_max_len = min(self.max_model_len, num_blocks * self.block_size + 1)
 
     # ---------------------------------------------------------------- intake
 
@@ -69,7 +73,7 @@ class Scheduler:
                 f"request {request.request_id!r} must be new (WAITING, nothing computed), "
                 f"got status {request.status.name}"
             )
-        request.resolve_max_tokens(self.max_model_len)
+        request.resolve_max_tokens(self.default_max_len)
         problem = self._never_fits(request)
         if problem is not None:
             request.status = RequestStatus.FINISHED_IGNORED
@@ -101,6 +105,13 @@ class Scheduler:
                 f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is "
                 f"{num_prompt + max_tokens} tokens, more than max_model_len ({max_len}); "
                 f"set max_tokens to at most {max_len - num_prompt}"
+            )
+        kv = self.kv_cache_manager
+        # Before the check below: on a small pool a default max_tokens may be < 1.
+        if kv.num_blocks_for(num_prompt) > kv.num_blocks:
+            return (
+                f"the prompt has {num_prompt} tokens but the whole KV cache holds "
+                f"{kv.num_blocks * self.block_size} ({kv.num_blocks} KV-cache blocks)"
             )
         # The last sampled token is never fed back, so it needs no KV slot.
         num_blocks = self.kv_cache_manager.num_blocks_for(num_prompt + max_tokens - 1)
@@ -359,7 +370,7 @@ class Scheduler:
                     f"fork child {cid!r} must share the parent's {num_computed} computed "
                     "tokens and have a token left to compute"
                 )
-            child.resolve_max_tokens(self.max_model_len)
+            child.resolve_max_tokens(self.default_max_len)
             problem = self._never_fits(child)
             if problem is None and child.num_output_tokens >= (child.max_tokens or 0):
                 problem = f"it already has max_tokens ({child.max_tokens}) output tokens"

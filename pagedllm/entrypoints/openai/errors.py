@@ -129,7 +129,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def too_large(_: Request, exc: Exception) -> JSONResponse:
         return _too_large(str(exc)).response({"Connection": "close"})
 
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Engine failures (RequestFailedError, EngineDeadError) and bugs: still
+        # OpenAI's shape rather than a plain-text 500. Starlette logs the traceback.
+        return from_exception(exc).response()
+
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ValidationError, invalid)
