@@ -264,17 +264,24 @@ class LLMEngine:
             parent.fork(f"{parent_id}#{i}", output_token_ids=[row.token_ids[i]])
             for i in range(1, n)
         ]
-        self.scheduler.fork_request(parent_id, children)
+        # A child its first token already ends (EOS, or max_tokens=1) is never forked:
+        # the scheduler refuses a child with nothing left to generate, and failing
+        # that fork used to fail the whole step.
         ended: dict[str, Request] = {}
+        for child in children:
+            child.resolve_max_tokens(self.scheduler.default_max_len)
+            if child.check_stop(self.max_model_len):
+                ended[child.request_id] = child
+        live = [c for c in children if c.request_id not in ended]
+        if live:
+            self.scheduler.fork_request(parent_id, live)
         for i, child in enumerate(children, start=1):
-            self.runner.fork_generator(parent_id, child.request_id, i)
+            if child.request_id not in ended:
+                self.runner.fork_generator(parent_id, child.request_id, i)
             self.output_processor.add_sequence(parent_id, child.request_id, i)
             sampled[child.request_id] = SampledRow(
                 [row.token_ids[i]], None if row.logprobs is None else [row.logprobs[i]]
             )
-            if child.check_stop(self.max_model_len):
-                self.scheduler.finish_requests(child.request_id, child.status)
-                ended[child.request_id] = child
         sampled[parent_id] = SampledRow(
             row.token_ids[:1], None if row.logprobs is None else row.logprobs[:1]
         )

@@ -326,3 +326,17 @@ def test_output_processing_failure_fails_only_that_request(llm, monkeypatch):
         assert kv.get_num_free_blocks() == kv.num_blocks
     finally:
         engine.debug_invariants = False
+
+
+def test_parallel_sampling_with_max_tokens_1_ends_every_choice(llm):
+    """Regression: n > 1 with max_tokens=1 failed the whole step (the scheduler refused
+    to fork children that already had their one token), and every request with it."""
+    llm.engine.debug_invariants = True
+    try:
+        one = SamplingParams(temperature=0.8, max_tokens=1, n=3, seed=3)
+        outs = llm.generate(["Paris is the capital of", "The quick brown fox"], [one, GREEDY])
+    finally:
+        llm.engine.debug_invariants = False
+    assert [len(c.token_ids) for c in outs[0].outputs] == [1, 1, 1]
+    assert {c.finish_reason for c in outs[0].outputs} == {"length"}
+    assert len(outs[1].outputs[0].token_ids) == NEW_TOKENS

@@ -179,7 +179,7 @@ class GuardMiddleware:
         error = self._refusal(scope["path"], headers)
         if error is not None:
             extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-            await _send_error(send, error, extra)
+            await send_error(send, error, extra)
             return
         received = 0
 
@@ -219,7 +219,7 @@ class GuardMiddleware:
         return hmac.compare_digest(token.strip(), self.api_key)
 
 
-async def _send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
+async def send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
     body = json.dumps(error.body()).encode()
     raw_headers = [
         (b"content-type", b"application/json"),
