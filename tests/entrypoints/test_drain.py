@@ -13,7 +13,7 @@ from benchmarks.load_test import ServeProcess
 
 pytestmark = pytest.mark.slow
 
-DRAIN_TIMEOUT = 5.0
+DRAIN_TIMEOUT = 4.0
 
 
 async def stream(client: httpx.AsyncClient, max_tokens: int, started: asyncio.Event) -> list:
@@ -33,10 +33,11 @@ async def stream(client: httpx.AsyncClient, max_tokens: int, started: asyncio.Ev
 async def drain_scenario(server: ServeProcess) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
         started = [asyncio.Event() for _ in range(3)]
-        # Two short streams finish within the drain; the long one outlasts it.
+        # Two short streams finish within the drain; the long one outlasts it (1,000
+        # tokens take over 4 s on any CPU).
         tasks = [
             asyncio.create_task(stream(client, tokens, ev))
-            for tokens, ev in zip((12, 12, 480), started, strict=True)
+            for tokens, ev in zip((12, 12, 1000), started, strict=True)
         ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
         server.proc.send_signal(signal.SIGTERM)
@@ -60,7 +61,8 @@ async def drain_scenario(server: ServeProcess) -> None:
 
 
 def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0():
-    serve = ("--dtype", "float32", "--max-model-len", "512", "--num-kv-blocks", "64")
+    serve = ("--device", "cpu", "--dtype", "float32", "--max-model-len", "1024")
+    serve += ("--num-kv-blocks", "80")
     with ServeProcess(*serve, "--drain-timeout", str(DRAIN_TIMEOUT)) as server:
         asyncio.run(drain_scenario(server))
         status = server.proc.wait(30)
