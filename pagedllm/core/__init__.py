@@ -5,12 +5,14 @@ block tables over them, ``scheduler`` decides each step's batch.
 """
 
 from pagedllm.core.block_pool import BlockPool, KVCacheBlock
+from pagedllm.core.invariants import InvariantError
 from pagedllm.core.kv_cache_manager import KVCacheManager, KVCacheStats
 from pagedllm.core.sched_output import ScheduledRequest, SchedulerOutput, SchedulerStats
 from pagedllm.core.scheduler import QueueFullError, Scheduler
 
 __all__ = [
     "BlockPool",
+    "InvariantError",
     "KVCacheBlock",
     "KVCacheManager",
     "KVCacheStats",

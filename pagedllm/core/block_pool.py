@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pagedllm.core.invariants import require
+
 BlockHash = bytes
 
 
@@ -178,26 +180,39 @@ class BlockPool:
         block.block_hash = None
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if the pool's bookkeeping is inconsistent (tests, debug)."""
+        """Raise InvariantError unless the pool's bookkeeping is consistent (tests, debug)."""
         queued = list(self.free_block_queue)
-        assert len(queued) == self.free_block_queue.num_free_blocks, "free count drifted"
+        require(
+            len(queued) == self.free_block_queue.num_free_blocks,
+            f"free count drifted: {self.free_block_queue.num_free_blocks} counted, "
+            f"{len(queued)} queued",
+        )
         queued_ids = {b.block_id for b in queued}
-        assert len(queued_ids) == len(queued), "a block is queued twice"
+        require(len(queued_ids) == len(queued), "a block is queued twice")
         num_referenced = 0
         for block in self.blocks:
-            assert block.ref_cnt >= 0, f"{block} has a negative ref_cnt"
+            require(block.ref_cnt >= 0, f"{block} has a negative ref_cnt")
             if block.ref_cnt == 0:
-                assert block.block_id in queued_ids, f"free {block} missing from the queue"
+                require(block.block_id in queued_ids, f"free {block} missing from the queue")
             else:
                 num_referenced += 1
-                assert block.block_id not in queued_ids, f"referenced {block} is queued"
-                assert block.prev_free is None and block.next_free is None
-            if block.block_hash is not None:
-                assert self.cached_block_hash_to_block.get(block.block_hash) is block, (
-                    f"{block} has a hash the map does not point back to"
+                require(block.block_id not in queued_ids, f"referenced {block} is queued")
+                require(
+                    block.prev_free is None and block.next_free is None,
+                    f"referenced {block} is still linked into the free queue",
                 )
-        assert num_referenced + len(queued) == self.num_blocks, "free + referenced != total"
+            if block.block_hash is not None:
+                require(
+                    self.cached_block_hash_to_block.get(block.block_hash) is block,
+                    f"{block} has a hash the map does not point back to",
+                )
+        require(
+            num_referenced + len(queued) == self.num_blocks,
+            f"free ({len(queued)}) + referenced ({num_referenced}) != total ({self.num_blocks})",
+        )
         for block_hash, block in self.cached_block_hash_to_block.items():
-            assert block.block_hash == block_hash, f"map entry for {block} has a stale hash"
-        if not self.enable_caching:
-            assert not self.cached_block_hash_to_block, "caching is off but blocks are cached"
+            require(block.block_hash == block_hash, f"map entry for {block} has a stale hash")
+        require(
+            self.enable_caching or not self.cached_block_hash_to_block,
+            "caching is off but blocks are cached",
+        )

@@ -25,6 +25,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pagedllm.core.block_pool import BlockHash, BlockPool, KVCacheBlock
+from pagedllm.core.invariants import require
 from pagedllm.request import Request
 
 _ROOT_HASH = hashlib.sha256(b"pagedllm prefix cache root").digest()
@@ -378,38 +379,64 @@ class KVCacheManager:
         live_request_ids: Collection[str],
         requests: Mapping[str, Request] | None = None,
     ) -> None:
-        """Raise AssertionError unless the tables and the pool agree (tests, debug).
+        """Raise InvariantError unless the tables and the pool agree (tests, debug).
 
-        With ``requests`` given, also recompute every sequence's hash chain from
-        its tokens and check its cached blocks carry those hashes.
+        Every block's ref count must equal the number of block tables holding it;
+        each table must hold blocks only where its tokens are (so at most its last
+        block is partly filled); with nothing alive, every block must be free. With
+        ``requests`` given, also recompute every sequence's hash chain from its
+        tokens and check its cached blocks carry those hashes.
         """
         pool = self.block_pool
         pool.check_invariants()
         size = self.block_size
         ref_counts: dict[int, int] = {}
         for request_id, seq in self._seqs.items():
-            assert request_id in live_request_ids, f"dead request {request_id!r} holds state"
-            assert [b.block_id for b in seq.blocks] == seq.block_ids, "block ids out of step"
+            require(request_id in live_request_ids, f"dead request {request_id!r} holds state")
+            require(
+                [b.block_id for b in seq.blocks] == seq.block_ids,
+                f"{request_id!r}: block ids out of step with its blocks",
+            )
             # Blocks only where tokens are: all but the last block are full.
-            assert len(seq.blocks) == self.num_blocks_for(seq.num_tokens), (
-                f"{request_id!r} holds {len(seq.blocks)} blocks for {seq.num_tokens} tokens"
+            require(
+                len(seq.blocks) == self.num_blocks_for(seq.num_tokens),
+                f"{request_id!r} holds {len(seq.blocks)} blocks for {seq.num_tokens} tokens "
+                "(more than one partly filled block)",
             )
             for block in seq.blocks:
                 ref_counts[block.block_id] = ref_counts.get(block.block_id, 0) + 1
-            assert seq.num_cached_blocks <= len(seq.blocks)
+            require(
+                seq.num_cached_blocks <= len(seq.blocks),
+                f"{request_id!r} has more cached blocks than blocks",
+            )
             for i in range(seq.num_cached_blocks):
                 h = seq.blocks[i].block_hash
-                assert h is None or h == seq.block_hashes[i], f"{request_id!r} block {i} hash"
+                require(
+                    h is None or h == seq.block_hashes[i],
+                    f"{request_id!r} block {i} carries another prefix's hash",
+                )
             if requests is not None and request_id in requests:
                 tokens = requests[request_id].all_token_ids
                 expected = hash_request_tokens(
                     tokens, size, request_extra_keys(requests[request_id])
                 )
                 n = len(seq.block_hashes)
-                assert seq.block_hashes == expected[:n], f"{request_id!r} hash chain is stale"
-        for block in pool.blocks:
-            assert block.ref_cnt == ref_counts.get(block.block_id, 0), (
-                f"{block} is held by {ref_counts.get(block.block_id, 0)} tables"
+                require(seq.block_hashes == expected[:n], f"{request_id!r} hash chain is stale")
+        if not ref_counts:
+            # Implied by the ref counts below, but a leak deserves its own message.
+            require(
+                pool.get_num_free_blocks() == pool.num_blocks,
+                f"blocks leaked: no sequence holds blocks but "
+                f"{pool.num_blocks - pool.get_num_free_blocks()} are referenced",
             )
-        if not self._seqs or not any(s.blocks for s in self._seqs.values()):
-            assert pool.get_num_free_blocks() == pool.num_blocks, "blocks leaked"
+        for block in pool.blocks:
+            holders = ref_counts.get(block.block_id, 0)
+            require(
+                block.ref_cnt == holders,
+                f"{block} has ref_cnt {block.ref_cnt} but is held by {holders} block tables",
+            )
+        for src, dst in self._pending_copies:
+            require(
+                pool.blocks[dst].ref_cnt > 0,
+                f"a pending copy {src} -> {dst} writes into a free block",
+            )

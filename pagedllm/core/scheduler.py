@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pagedllm.config import CacheConfig, SchedulerConfig
+from pagedllm.core.invariants import require
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request_queue import make_request_queue
 from pagedllm.core.sched_output import ScheduledRequest, SchedulerOutput, SchedulerStats
@@ -51,6 +52,10 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order; forks follow their parent
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions_total = 0
+        # Where a request without max_tokens stops: the end of the context, or of the
+        # whole KV pool when that is smaller (the last sampled token needs no slot).
+        # Without the cap such a request would be refused outright on a small pool.
+        self.default_max_len = min(self.max_model_len, num_blocks * self.block_size + 1)
 
     # ---------------------------------------------------------------- intake
 
@@ -68,7 +73,7 @@ class Scheduler:
                 f"request {request.request_id!r} must be new (WAITING, nothing computed), "
                 f"got status {request.status.name}"
             )
-        request.resolve_max_tokens(self.max_model_len)
+        request.resolve_max_tokens(self.default_max_len)
         problem = self._never_fits(request)
         if problem is not None:
             request.status = RequestStatus.FINISHED_IGNORED
@@ -100,6 +105,13 @@ class Scheduler:
                 f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is "
                 f"{num_prompt + max_tokens} tokens, more than max_model_len ({max_len}); "
                 f"set max_tokens to at most {max_len - num_prompt}"
+            )
+        kv = self.kv_cache_manager
+        # Before the check below: on a small pool a default max_tokens may be < 1.
+        if kv.num_blocks_for(num_prompt) > kv.num_blocks:
+            return (
+                f"the prompt has {num_prompt} tokens but the whole KV cache holds "
+                f"{kv.num_blocks * self.block_size} ({kv.num_blocks} KV-cache blocks)"
             )
         # The last sampled token is never fed back, so it needs no KV slot.
         num_blocks = self.kv_cache_manager.num_blocks_for(num_prompt + max_tokens - 1)
@@ -358,7 +370,7 @@ class Scheduler:
                     f"fork child {cid!r} must share the parent's {num_computed} computed "
                     "tokens and have a token left to compute"
                 )
-            child.resolve_max_tokens(self.max_model_len)
+            child.resolve_max_tokens(self.default_max_len)
             problem = self._never_fits(child)
             if problem is None and child.num_output_tokens >= (child.max_tokens or 0):
                 problem = f"it already has max_tokens ({child.max_tokens}) output tokens"
@@ -414,18 +426,33 @@ class Scheduler:
         )
 
     def check_invariants(self) -> None:
-        """Raise AssertionError unless queues, requests and blocks agree (tests, debug)."""
+        """Raise InvariantError unless queues, requests and blocks agree (tests, debug)."""
         kv = self.kv_cache_manager
-        assert len(self.running) + len(self.waiting) == len(self.requests), "lost a request"
+        require(
+            len(self.running) + len(self.waiting) == len(self.requests),
+            f"lost a request: {len(self.running)} running + {len(self.waiting)} waiting != "
+            f"{len(self.requests)} unfinished",
+        )
         for request in self.running:
-            assert request.status is RequestStatus.RUNNING, f"{request.request_id} not RUNNING"
-            assert self.requests.get(request.request_id) is request
-            assert request.num_computed_tokens <= request.num_tokens
-            num_slots = len(kv.get_block_ids(request.request_id)) * self.block_size
-            assert num_slots >= request.num_computed_tokens, "computed tokens without slots"
+            rid = request.request_id
+            require(request.status is RequestStatus.RUNNING, f"running {rid!r} is not RUNNING")
+            require(self.requests.get(rid) is request, f"running {rid!r} is not a known request")
+            require(
+                request.num_computed_tokens <= request.num_tokens,
+                f"{rid!r} computed more tokens than it has",
+            )
+            num_slots = len(kv.get_block_ids(rid)) * self.block_size
+            require(
+                num_slots >= request.num_computed_tokens,
+                f"{rid!r} has computed tokens without slots",
+            )
         for request in self.waiting:
-            assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-            assert self.requests.get(request.request_id) is request
-            assert request.num_computed_tokens == 0
-            assert not kv.holds_blocks(request.request_id), "a waiting request holds blocks"
+            rid = request.request_id
+            require(
+                request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED),
+                f"waiting {rid!r} has status {request.status.name}",
+            )
+            require(self.requests.get(rid) is request, f"waiting {rid!r} is not a known request")
+            require(request.num_computed_tokens == 0, f"waiting {rid!r} has computed tokens")
+            require(not kv.holds_blocks(rid), f"waiting {rid!r} holds blocks")
         kv.check_invariants(self.requests.keys(), self.requests)

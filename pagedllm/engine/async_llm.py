@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pagedllm.config import EngineArgs
+from pagedllm.core.invariants import InvariantError
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.outputs import Logprob, RequestMetrics, RequestOutput, SampleLogprobs
 from pagedllm.sampling_params import SamplingParams
@@ -292,6 +293,8 @@ class AsyncLLM:
     def _step(self) -> list[RequestOutput]:
         try:
             outputs = self.engine.step()
+        except InvariantError:
+            raise  # corrupt bookkeeping: stop serving rather than hand out wrong KV
         except Exception as e:
             # Fault isolation: the requests in flight fail, the engine keeps serving.
             logger.exception("engine step failed; aborting %d requests", len(self._requests))
@@ -310,7 +313,10 @@ class AsyncLLM:
                 continue
             if output.finished:
                 del self._requests[output.request_id]
-            batches[tracker.stream.loop].append((tracker.stream, tracker.delta(output)))
+            item: RequestDelta | BaseException = (
+                tracker.delta(output) if output.error is None else RequestFailedError(output.error)
+            )
+            batches[tracker.stream.loop].append((tracker.stream, item))
         for loop, items in batches.items():
             _call_soon(loop, _put_all, items)
 

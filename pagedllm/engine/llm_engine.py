@@ -10,11 +10,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.core.invariants import debug_invariants_enabled, require
 from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.output_processor import OutputProcessor
@@ -47,6 +49,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+@dataclass
+class _Failed:
+    outputs: list[RequestOutput]  # final outputs, each with its error
+    sequence_ids: set[str]
 
 
 class LLMEngine:
@@ -90,6 +98,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.step_stats = StepStats()
+        # PAGEDLLM_DEBUG_INVARIANTS=1: re-check the bookkeeping after every step and abort.
+        self.debug_invariants = debug_invariants_enabled()
 
     # ------------------------------------------------------------------ intake
 
@@ -153,16 +163,28 @@ class LLMEngine:
         """End requests now and free every block they hold."""
         if isinstance(request_ids, str):
             request_ids = [request_ids]
-        outputs = []
-        for user_id in request_ids:
-            seq_ids = self.output_processor.sequence_ids(user_id)
-            self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
-            self.runner.release(seq_ids)
-            self._pending_fork.pop(user_id, None)
-            out = self.output_processor.abort(user_id)
-            if out is not None:
-                outputs.append(out)
+        outputs = [out for user_id in request_ids if (out := self._end(user_id)) is not None]
+        if self.debug_invariants:
+            self.check_invariants()
         return outputs
+
+    def _end(self, user_id: str, error: str | None = None) -> RequestOutput | None:
+        """Abort every sequence of a user request; its final output carries `error`."""
+        seq_ids = self.output_processor.sequence_ids(user_id)
+        self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+        self.runner.release(seq_ids)
+        self._pending_fork.pop(user_id, None)
+        return self.output_processor.abort(user_id, error=error)
+
+    def _fail_requests(self, errors: dict[str, str]) -> _Failed:
+        """End the requests whose output processing raised; the others are untouched."""
+        failed = _Failed([], set())
+        for user_id, error in errors.items():
+            failed.sequence_ids.update(self.output_processor.sequence_ids(user_id))
+            out = self._end(user_id, error)
+            if out is not None:
+                failed.outputs.append(out)
+        return failed
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -194,19 +216,33 @@ class LLMEngine:
         )
         finished_by_id = {r.request_id: r for r in finished}
         finished_by_id.update(ended_at_fork)
-        outputs, stopped = self.output_processor.process(
+        processed = self.output_processor.process(
             sampled,
             requests,
             finished_by_id,
             [s.request_id for s in sched.scheduled_requests],
             result.prompt_logprobs,
         )
+        outputs, stopped = processed.outputs, processed.stopped_by_string
+        if processed.failed:
+            gone = self._fail_requests(processed.failed)
+            outputs += gone.outputs
+            stopped = [s for s in stopped if s not in gone.sequence_ids]
         if stopped:
             for r in scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED):
                 r.stop_reason = "stop string"
         self.runner.release([*finished_by_id, *stopped])
         self.step_stats.add_step(start, scheduled_at, executed_at, time.perf_counter())
+        if self.debug_invariants:
+            self.check_invariants()
         return outputs
+
+    def check_invariants(self) -> None:
+        """Raise InvariantError unless the scheduler, its blocks and the runner agree."""
+        self.scheduler.check_invariants()
+        live = self.scheduler.requests
+        stale = [rid for rid in self.runner.live_request_ids() if rid not in live]
+        require(not stale, f"the model runner keeps state for finished requests {stale}")
 
     def count_tokens(self, sched: SchedulerOutput, sampled: dict[str, SampledRow]) -> None:
         """Add a step's prompt positions computed and tokens sampled to the counters."""
@@ -228,17 +264,24 @@ class LLMEngine:
             parent.fork(f"{parent_id}#{i}", output_token_ids=[row.token_ids[i]])
             for i in range(1, n)
         ]
-        self.scheduler.fork_request(parent_id, children)
+        # A child its first token already ends (EOS, or max_tokens=1) is never forked:
+        # the scheduler refuses a child with nothing left to generate, and failing
+        # that fork used to fail the whole step.
         ended: dict[str, Request] = {}
+        for child in children:
+            child.resolve_max_tokens(self.scheduler.default_max_len)
+            if child.check_stop(self.max_model_len):
+                ended[child.request_id] = child
+        live = [c for c in children if c.request_id not in ended]
+        if live:
+            self.scheduler.fork_request(parent_id, live)
         for i, child in enumerate(children, start=1):
-            self.runner.fork_generator(parent_id, child.request_id, i)
+            if child.request_id not in ended:
+                self.runner.fork_generator(parent_id, child.request_id, i)
             self.output_processor.add_sequence(parent_id, child.request_id, i)
             sampled[child.request_id] = SampledRow(
                 [row.token_ids[i]], None if row.logprobs is None else [row.logprobs[i]]
             )
-            if child.check_stop(self.max_model_len):
-                self.scheduler.finish_requests(child.request_id, child.status)
-                ended[child.request_id] = child
         sampled[parent_id] = SampledRow(
             row.token_ids[:1], None if row.logprobs is None else row.logprobs[:1]
         )

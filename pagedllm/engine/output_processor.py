@@ -6,6 +6,7 @@ one detokenizer per sequence and one RequestOutput per user request.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,17 @@ from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tokenizer import Tokenizer
 from pagedllm.worker.model_runner import PromptLogprobsChunk, SampledRow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one step's tokens did to the requests' outputs."""
+
+    outputs: list[RequestOutput]
+    stopped_by_string: list[str]  # sequence ids a stop string ended
+    failed: dict[str, str] = field(default_factory=dict)  # user request id → what went wrong
 
 
 @dataclass
@@ -87,10 +99,12 @@ class OutputProcessor:
         finished: dict[str, Request],
         scheduled_ids: list[str],
         prompt_logprobs: dict[str, PromptLogprobsChunk] | None = None,
-    ) -> tuple[list[RequestOutput], list[str]]:
-        """Apply a step's tokens. Returns the changed outputs and sequences a stop string ended.
+    ) -> StepResult:
+        """Apply a step's tokens: the changed outputs, stop-string ends and failures.
 
         `requests` are the live sequences, `finished` those the scheduler just ended.
+        A request whose processing raised is left out of the outputs and named in
+        `failed`; the caller aborts it (``abort(..., error=...)``).
         """
         now = time.monotonic()
         for seq_id, chunk in (prompt_logprobs or {}).items():
@@ -103,44 +117,68 @@ class OutputProcessor:
             if state is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = now
         stopped_by_string: list[str] = []
+        failed: dict[str, str] = {}
         for seq_id, row in sampled.items():
             user_id = self.owner.get(seq_id)
-            if user_id is None:
+            if user_id is None or user_id in failed:
                 continue
             state = self.states[user_id]
-            seq = state.sequences[seq_id]
-            request = finished.get(seq_id) or requests.get(seq_id)
-            if request is not None and not state.num_cached_tokens:
-                state.num_cached_tokens = request.num_cached_tokens
-            done = request is None or request.is_finished
-            stopped_on_token = (
-                done and request is not None and (request.status is RequestStatus.FINISHED_STOPPED)
-            )
-            update = seq.detokenizer.update(
-                row.token_ids, finished=done, stopped_on_token=stopped_on_token
-            )
-            completion = seq.completion
-            completion.token_ids.extend(row.token_ids)
-            completion.text += update.delta_text
-            if row.logprobs is not None and completion.logprobs is not None:
-                self._add_logprobs(completion, row, state.params.logprobs or 0)
-            metrics = state.metrics
-            if metrics.first_token_time is None:
-                metrics.first_token_time = now
-            metrics.last_token_time = now
-            metrics.num_generation_tokens += len(row.token_ids)
-            if update.stop_string is not None and not done:
+            try:
+                stopped = self._apply(state, seq_id, row, requests, finished, now)
+            except Exception as e:
+                # Fault isolation: a bug or a bad token in one request (its detokenizer,
+                # its logprobs) fails that request alone; the batch goes on.
+                logger.exception("processing request %s failed", user_id)
+                failed[user_id] = f"processing the output failed: {type(e).__name__}: {e}"
+                touched.pop(user_id, None)
+                continue
+            if stopped:
                 stopped_by_string.append(seq_id)
-                completion.finish_reason = "stop"
-                completion.stop_reason = update.stop_string
-            elif done and request is not None:
-                completion.finish_reason = request.status.finish_reason
-                completion.stop_reason = (
-                    update.stop_string if update.stop_string is not None else request.stop_reason
-                )
             touched[user_id] = state
         outputs = [self._output(state, now) for state in touched.values()]
-        return outputs, stopped_by_string
+        return StepResult(outputs, stopped_by_string, failed)
+
+    def _apply(
+        self,
+        state: RequestState,
+        seq_id: str,
+        row: SampledRow,
+        requests: dict[str, Request],
+        finished: dict[str, Request],
+        now: float,
+    ) -> bool:
+        """Add one sequence's sampled tokens; True if a stop string ended it."""
+        seq = state.sequences[seq_id]
+        request = finished.get(seq_id) or requests.get(seq_id)
+        if request is not None and not state.num_cached_tokens:
+            state.num_cached_tokens = request.num_cached_tokens
+        done = request is None or request.is_finished
+        stopped_on_token = (
+            done and request is not None and (request.status is RequestStatus.FINISHED_STOPPED)
+        )
+        update = seq.detokenizer.update(
+            row.token_ids, finished=done, stopped_on_token=stopped_on_token
+        )
+        completion = seq.completion
+        completion.token_ids.extend(row.token_ids)
+        completion.text += update.delta_text
+        if row.logprobs is not None and completion.logprobs is not None:
+            self._add_logprobs(completion, row, state.params.logprobs or 0)
+        metrics = state.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        metrics.num_generation_tokens += len(row.token_ids)
+        if update.stop_string is not None and not done:
+            completion.finish_reason = "stop"
+            completion.stop_reason = update.stop_string
+            return True
+        if done and request is not None:
+            completion.finish_reason = request.status.finish_reason
+            completion.stop_reason = (
+                update.stop_string if update.stop_string is not None else request.stop_reason
+            )
+        return False
 
     def _add_logprobs(self, completion: CompletionOutput, row: SampledRow, num: int) -> None:
         assert row.logprobs is not None and completion.logprobs is not None

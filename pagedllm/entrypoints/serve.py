@@ -53,6 +53,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="largest request body accepted; larger ones get 413 unread",
     )
     server.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM or Ctrl-C, seconds to let requests in flight finish while new "
+        "ones get 503; then the rest end with an error and the server exits",
+    )
+    server.add_argument(
         "--log-stats-interval",
         type=float,
         default=10.0,

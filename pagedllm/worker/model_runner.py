@@ -84,6 +84,10 @@ class ModelRunner:
             seed = (parent.initial_seed() * 1_000_003 + index) % (2**63)
             self._generators[child_id] = seeded_generator(seed, self.device)
 
+    def live_request_ids(self) -> list[str]:
+        """Requests the runner keeps state for (their seeded random streams)."""
+        return list(self._generators)
+
     def release(self, request_ids: set[str] | list[str]) -> None:
         for request_id in request_ids:
             self._generators.pop(request_id, None)

@@ -388,3 +388,24 @@ def test_config_policy_and_stats_snapshot():
     assert (stats.num_running, stats.num_waiting) == (2, 0)
     assert stats.kv_cache_usage == pytest.approx(0.5)
     assert stats.prefix_cache_queries == 12
+
+
+def test_max_tokens_none_stops_where_the_pool_ends_when_that_comes_first():
+    """A pool smaller than the context must not refuse every request without max_tokens."""
+    sched, worker = make_scheduler(num_blocks=4, block_size=16, max_model_len=100)
+    req = make_request("a", 30, max_tokens=None)
+    sched.add_request(req)
+    assert req.max_tokens == 4 * 16 + 1 - 30  # the last token needs no slot
+    run_to_completion(worker)
+    assert req.num_output_tokens == 35 and req.status is RequestStatus.FINISHED_LENGTH_CAPPED
+    sched.check_invariants()
+
+
+def test_a_prompt_larger_than_the_whole_pool_is_refused():
+    sched, _ = make_scheduler(num_blocks=4, block_size=16, max_model_len=100)
+    with pytest.raises(ValueError, match="65 tokens but the whole KV cache holds 64"):
+        sched.add_request(make_request("a", 65, max_tokens=None))
+    with pytest.raises(ValueError, match="65 tokens but the whole KV cache holds 64"):
+        sched.add_request(make_request("b", 65, max_tokens=1))
+    sched.add_request(make_request("c", 64, max_tokens=None))
+    assert sched.get_request("c").max_tokens == 1

@@ -221,3 +221,51 @@ def test_a_cancelled_add_is_aborted():
         await until(lambda: not engine.live)
 
     run(engine, scenario)
+
+
+def test_a_request_failed_in_the_engine_fails_its_stream_alone():
+    engine = ScriptedEngine(step_delay=0.01)
+    real_step = engine.step
+
+    def step() -> list[RequestOutput]:
+        outputs = real_step()
+        for out in outputs:
+            if out.request_id == "bad" and "bad" in engine.live:
+                del engine.live["bad"]
+                out.finished, out.error = True, "processing the output failed: boom"
+        return outputs
+
+    engine.step = step  # type: ignore[method-assign]
+
+    async def scenario(llm: AsyncLLM) -> None:
+        bad = await llm.add_request("bad", [1], SamplingParams(max_tokens=1000))
+        good = await llm.add_request("good", [1], SamplingParams(max_tokens=3))
+        with pytest.raises(RequestFailedError, match="boom"):
+            async for _ in bad:
+                pass
+        assert [d async for d in good][-1].finished and llm.is_running
+
+    run(engine, scenario)
+
+
+def test_an_invariant_violation_stops_the_engine():
+    from pagedllm.core.invariants import InvariantError
+
+    engine = ScriptedEngine(step_delay=0.01)
+
+    def step() -> list[RequestOutput]:
+        raise InvariantError("block 3 has ref_cnt 2 but is held by 1 block tables")
+
+    engine.step = step  # type: ignore[method-assign]
+
+    async def scenario(llm: AsyncLLM) -> None:
+        stream = await llm.add_request("a", [1], SamplingParams(max_tokens=5))
+        with pytest.raises(InvariantError, match="ref_cnt 2"):
+            async for _ in stream:
+                pass
+        await until(lambda: not llm.is_running)
+        assert isinstance(llm.dead_error, InvariantError)
+        with pytest.raises(EngineDeadError, match="ref_cnt 2"):
+            await llm.add_request("b", [1], SamplingParams())
+
+    run(engine, scenario)

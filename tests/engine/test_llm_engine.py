@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.core.invariants import InvariantError
 from tests.conftest import ENGLISH
 
 pytestmark = pytest.mark.slow
@@ -260,3 +261,82 @@ def test_bad_input_is_refused_and_engine_keeps_serving(llm):
     m = llm.get_metrics()
     assert m["num_requests_waiting"] == 0 and m["num_free_kv_blocks"] == m["num_kv_blocks"]
     assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_debug_invariants_stop_the_step_that_corrupted_a_ref_count(llm):
+    engine = llm.engine
+    engine.debug_invariants = True
+    try:
+        params = SamplingParams(temperature=0.8, max_tokens=4, n=2, seed=1)
+        outs = llm.generate(["Paris is the capital of", "The quick brown fox"], params)
+        assert all(len(c.token_ids) == 4 for o in outs for c in o.outputs)  # checked each step
+        engine.add_request(engine.new_request_id(), "One two three", GREEDY)
+        engine.step()
+        pool = engine.scheduler.kv_cache_manager.block_pool
+        held = next(b for b in pool.blocks if b.ref_cnt > 0)
+        # A reference nobody holds: the next decode token copies the block it thinks
+        # shared and the original is never freed.
+        held.ref_cnt += 1
+        with pytest.raises(InvariantError, match=r"has ref_cnt \d but is held by \d block tables"):
+            engine.step()
+        pool.free_blocks([held])  # drop the phantom reference: the block is free again
+        engine.abort_request(list(engine.scheduler.requests))  # checks again
+        assert not engine.has_unfinished_requests()
+        engine.check_invariants()
+    finally:
+        engine.debug_invariants = False
+
+
+def test_output_processing_failure_fails_only_that_request(llm, monkeypatch):
+    """A detokenizer that raises for one prompt: that request ends with an error and
+    frees its blocks, its batch mates finish normally."""
+    from pagedllm.engine import detokenizer
+
+    poisoned = llm.engine.tokenizer.encode("Tell me a poisoned story")
+    real_update = detokenizer.IncrementalDetokenizer.update
+    real_init = detokenizer.IncrementalDetokenizer.__init__
+
+    def init(self, tokenizer, prompt_token_ids, params):
+        real_init(self, tokenizer, prompt_token_ids, params)
+        self.poisoned = list(prompt_token_ids) == poisoned
+
+    def update(self, new_token_ids, **kwargs):
+        if self.poisoned and len(self.output_token_ids) >= 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return real_update(self, new_token_ids, **kwargs)
+
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "__init__", init)
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "update", update)
+    engine = llm.engine
+    engine.debug_invariants = True
+    try:
+        ids = {}
+        for i, prompt in enumerate(["Paris is the capital of", poisoned, "1, 2, 3, 4,"]):
+            ids[i] = engine.new_request_id()
+            engine.add_request(ids[i], prompt, GREEDY)
+        finals = {}
+        while engine.has_unfinished_requests():
+            finals |= {o.request_id: o for o in engine.step() if o.finished}
+        assert "injected" in (finals[ids[1]].error or "")
+        assert finals[ids[1]].outputs[0].finish_reason == "abort"
+        for i in (0, 2):
+            assert finals[ids[i]].error is None
+            assert len(finals[ids[i]].outputs[0].token_ids) == NEW_TOKENS
+        kv = engine.scheduler.kv_cache_manager
+        assert kv.get_num_free_blocks() == kv.num_blocks
+    finally:
+        engine.debug_invariants = False
+
+
+def test_parallel_sampling_with_max_tokens_1_ends_every_choice(llm):
+    """Regression: n > 1 with max_tokens=1 failed the whole step (the scheduler refused
+    to fork children that already had their one token), and every request with it."""
+    llm.engine.debug_invariants = True
+    try:
+        one = SamplingParams(temperature=0.8, max_tokens=1, n=3, seed=3)
+        outs = llm.generate(["Paris is the capital of", "The quick brown fox"], [one, GREEDY])
+    finally:
+        llm.engine.debug_invariants = False
+    assert [len(c.token_ids) for c in outs[0].outputs] == [1, 1, 1]
+    assert {c.finish_reason for c in outs[0].outputs} == {"length"}
+    assert len(outs[1].outputs[0].token_ids) == NEW_TOKENS

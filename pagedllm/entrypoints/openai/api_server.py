@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 import pagedllm
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.openai.drain import Drain, DrainMiddleware
 from pagedllm.entrypoints.openai.errors import (
     APIError,
     GuardMiddleware,
@@ -59,8 +60,12 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: Sequence[str] = (),
     webui_dir: Path = WEBUI_DIR,
+    drain: Drain | None = None,
 ) -> FastAPI:
-    """A FastAPI app serving `llm` under the given model names (the first is the default)."""
+    """A FastAPI app serving `llm` under the given model names (the first is the default).
+
+    With `drain`, requests are counted and refused with 503 once it starts draining.
+    """
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, docs_url=None, redoc_url=None)
@@ -73,6 +78,8 @@ def build_app(
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    if drain is not None:  # outermost: a draining server refuses before anything else
+        app.add_middleware(DrainMiddleware, drain=drain)
     registry = CollectorRegistry()
     llm.add_stat_logger(PrometheusMetrics(registry, served_model_names[0]))
     completions = CompletionServing(llm, served_model_names)
@@ -169,6 +176,7 @@ def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pagedllm.entrypoints.cli_args import engine_args_from
+    from pagedllm.entrypoints.openai.drain import DrainingServer
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -177,23 +185,30 @@ def run_server(args: argparse.Namespace) -> int:
     stat_loggers = [StatsLine(args.log_stats_interval)] if args.log_stats_interval > 0 else []
     llm = AsyncLLM.from_engine_args(engine_args_from(args), stat_loggers)
     names = args.served_model_name or [served_name(args.model, llm.engine.model_path)]
+    drain = Drain()
     app = build_app(
         llm,
         names,
         api_key=args.api_key,
         max_body_bytes=args.max_request_body_bytes,
         allowed_origins=args.allowed_origins or (),
+        drain=drain,
     )
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)
+    # SIGTERM or Ctrl-C drains (see drain.py): at the drain timeout the engine stops,
+    # so the streams still open end with an error event within a few seconds.
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    server = DrainingServer(
+        config, drain, args.drain_timeout, on_timeout=lambda: llm.shutdown(timeout=0)
+    )
     try:
-        # Streams still open at Ctrl-C get a few seconds, then are cut (and aborted).
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=5,
-        )
+        server.run()
     finally:
         llm.shutdown()
     return 0

@@ -129,7 +129,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def too_large(_: Request, exc: Exception) -> JSONResponse:
         return _too_large(str(exc)).response({"Connection": "close"})
 
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Engine failures (RequestFailedError, EngineDeadError) and bugs: still
+        # OpenAI's shape rather than a plain-text 500. Starlette logs the traceback.
+        return from_exception(exc).response()
+
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ValidationError, invalid)
@@ -173,7 +179,7 @@ class GuardMiddleware:
         error = self._refusal(scope["path"], headers)
         if error is not None:
             extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-            await _send_error(send, error, extra)
+            await send_error(send, error, extra)
             return
         received = 0
 
@@ -213,7 +219,7 @@ class GuardMiddleware:
         return hmac.compare_digest(token.strip(), self.api_key)
 
 
-async def _send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
+async def send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
     body = json.dumps(error.body()).encode()
     raw_headers = [
         (b"content-type", b"application/json"),
