@@ -75,3 +75,10 @@ def declare(lib: ctypes.CDLL, name: str, *argtypes: type) -> ctypes._CFuncPtr:  
     fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn
+
+
+@functools.cache
+def kernel(source: Path, name: str, argtypes: tuple[type, ...]) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """Function `name` of the library built from `source`, or None where it cannot be built."""
+    lib = compiled(source)
+    return None if lib is None else declare(lib, name, *argtypes)

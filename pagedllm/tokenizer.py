@@ -4,19 +4,35 @@ Tokenization is `transformers`' (a Rust `tokenizers` backend), built from the GG
 file's vocabulary and merges exactly as `transformers` builds it for the reference
 model, or read from a Hugging Face folder. Chat templates render in `transformers`'
 immutable Jinja sandbox, so a template shipped in a model file cannot reach Python
-internals.
+internals; a template that tries (or fails any other way) raises ValueError.
+Before rendering, `check_template` refuses a template that names a private or
+dunder attribute outright: the sandbox alone renders a single unsafe lookup such as
+`{{ self._TemplateReference__context }}` as an empty string, which hides the attempt.
+
+Any Python string encodes. A lone surrogate ("\\ud800", which only Python code can
+pass: the HTTP server refuses one in JSON as invalid) has no UTF-8 form and becomes
+U+FFFD, as a browser's TextEncoder makes it, rather than a TypeError from the Rust
+tokenizer. Null bytes, RTL marks and emoji are ordinary text.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from jinja2 import Environment, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension
 
 from pagedllm.model.loader import ModelLoadError, resolve_model_path
 
 Message = dict[str, Any]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Tokenizer:
@@ -30,10 +46,15 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; BOS is added only where the model's tokenizer adds it."""
+        text = _SURROGATE.sub("\ufffd", text)
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        """Text of `token_ids`; ids past the vocabulary decode to nothing, negative ones raise."""
+        try:
+            return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        except (OverflowError, TypeError) as e:  # the Rust side refuses ids < 0 or > 2**32
+            raise ValueError(f"token ids must be integers in [0, {self.vocab_size}): {e}") from e
 
     def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(token_ids))
@@ -51,7 +72,10 @@ class Tokenizer:
         """Render a conversation with the model's template (or `chat_template`), sandboxed."""
         if not (chat_template or self.has_chat_template):
             raise ValueError("this model has no chat template; pass chat_template or use prompts")
+        template = chat_template or self.hf.chat_template
         try:
+            if isinstance(template, str):
+                check_template(template)
             return self.hf.apply_chat_template(
                 messages,
                 tokenize=False,
@@ -81,3 +105,38 @@ def load_tokenizer(model: str | Path | None) -> Tokenizer:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(path, f"cannot build the tokenizer ({e})") from e
     return Tokenizer(hf)
+
+
+class _GenerationTag(Extension):
+    """Parses transformers' `{% generation %}...{% endgeneration %}` block (for checking only)."""
+
+    tags = {"generation"}  # noqa: RUF012 - jinja2's declared class attribute
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
+
+
+_PARSER = Environment(extensions=["jinja2.ext.loopcontrols", _GenerationTag])
+
+
+@lru_cache(maxsize=64)
+def check_template(template: str) -> None:
+    """Raise SecurityError if the template names a private attribute (`x._y`, `x['__y__']`,
+    `x|attr('_y')`); syntax errors are left to the renderer, which reports them."""
+    try:
+        tree = _PARSER.parse(template)
+    except Exception:
+        return
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            name = node.arg.value if str(node.arg.value).startswith("__") else None
+        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args:
+            name = node.args[0].value if isinstance(node.args[0], nodes.Const) else None
+        else:
+            name = None
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"the template reaches for the private attribute {name!r}")

@@ -8,7 +8,6 @@ when the kernel builds; `torch_backend` falls back to the gather otherwise.
 from __future__ import annotations
 
 import ctypes
-import functools
 from pathlib import Path
 
 import torch
@@ -18,19 +17,16 @@ from pagedllm import cpu_kernels
 SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_decode.c"
 
 
-@functools.cache
+_INT, _PTR = ctypes.c_int, ctypes.c_void_p
+# paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, num_seqs,
+#   max_blocks, block_size, num_kv_heads, group, head_dim, scale, out, num_threads)
+ARGTYPES = (_PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _INT, _INT, ctypes.c_float)
+ARGTYPES += (_PTR, _INT)
+
+
 def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """The C kernel, or None where it cannot be built."""
-    lib = cpu_kernels.compiled(SOURCE)
-    return None if lib is None else declare_kernel(lib)
-
-
-def declare_kernel(lib: ctypes.CDLL) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
-    c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
-    return cpu_kernels.declare(
-        lib, "paged_decode_attention", c_ptr, c_ptr, c_ptr, c_ptr, c_ptr, c_int, c_int, c_int,
-        c_int, c_int, c_int, ctypes.c_float, c_ptr, c_int,
-    )  # fmt: skip
+    return cpu_kernels.kernel(SOURCE, "paged_decode_attention", ARGTYPES)
 
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:

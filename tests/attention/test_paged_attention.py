@@ -18,7 +18,8 @@ PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # no -marc
 def portable_kernel(tmp_path_factory):
     target = tmp_path_factory.mktemp("kernel") / "portable.so"
     cpu_kernels.build(cpu_kernels.c_compiler(), cpu_decode.SOURCE, target, PORTABLE_FLAGS)
-    return cpu_decode.declare_kernel(ctypes.CDLL(str(target)))
+    lib = ctypes.CDLL(str(target))
+    return cpu_kernels.declare(lib, "paged_decode_attention", *cpu_decode.ARGTYPES)
 
 
 @pytest.fixture(params=["c-kernel", "torch-gather", "portable-c-kernel"])

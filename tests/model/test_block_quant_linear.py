@@ -81,7 +81,7 @@ def test_portable_build_matches_float32_matmul(tmp_path):
         pytest.skip("no C compiler")
     target = tmp_path / "portable.so"
     cpu_kernels.build(compiler, linear.SOURCE, target, PORTABLE_FLAGS)
-    kernel = linear.declare_kernel(ctypes.CDLL(str(target)))
+    kernel = cpu_kernels.declare(ctypes.CDLL(str(target)), "block_quant_matmul", *linear.ARGTYPES)
     for qtype in TYPES:
         raw, reference = quantized(qtype, 9, 64)
         weight = BlockQuantWeight.from_gguf(raw, qtype)
@@ -132,13 +132,13 @@ def test_linear_runs_only_small_batches_on_blocks(monkeypatch):
 def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("PAGEDLLM_DISABLE_KERNELS", "1")
     cpu_kernels.compiled.cache_clear()
-    linear.block_quant_matmul.cache_clear()
+    cpu_kernels.kernel.cache_clear()
     try:
         assert linear.block_quant_matmul() is None
         assert not block_quant_supported(torch.float32, torch.device("cpu"))
     finally:
         cpu_kernels.compiled.cache_clear()
-        linear.block_quant_matmul.cache_clear()
+        cpu_kernels.kernel.cache_clear()
 
 
 @needs_kernels

@@ -30,7 +30,7 @@ def bad_inputs(tmp_path, default_model_path):
         "no such file": tmp_path / "missing.gguf",
         "not a GGUF file": not_gguf,
         "truncated or corrupt GGUF file (": cut_header,
-        "truncated or corrupt GGUF file (cannot reshape": cut_data,
+        "truncated or corrupt GGUF file (tensor": cut_data,
         "unknown architecture 'mamba9'": write_tiny_gguf(tmp_path / "arch.gguf", arch="mamba9"),
         "missing tensor 'model.layers.1.mlp.up_proj.weight'": write_tiny_gguf(
             tmp_path / "drop.gguf", drop="blk.1.ffn_up.weight"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 100, 2
 
@@ -35,18 +35,35 @@ def write_tiny_gguf(
     drop: str | None = None,
     reshape: tuple[str, tuple[int, ...]] | None = None,
     raw_type: tuple[str, GGMLQuantizationType] | None = None,
+    with_vocab: bool = False,
+    extra: dict[str, str] | None = None,
 ) -> Path:
     """A 2-layer Llama GGUF; optionally without one tensor, with one of the wrong shape,
-    or with one stored as raw bytes of another GGML type."""
+    or with one stored as raw bytes of another GGML type. `with_vocab` adds tokenizer
+    metadata (string, integer and float arrays and a chat template) for header fuzzing;
+    `extra` replaces (or adds) metadata keys with string values, for wrongly typed ones."""
+    extra = extra or {}
     writer = GGUFWriter(str(path), arch=arch)
-    writer.add_block_count(LAYERS)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_context_length(256)
+    for key, value in {
+        "block_count": LAYERS,
+        "embedding_length": HIDDEN,
+        "feed_forward_length": FFN,
+        "attention.head_count": HEADS,
+        "attention.head_count_kv": KV_HEADS,
+        "context_length": 256,
+        "vocab_size": VOCAB,
+    }.items():
+        if f"{arch}.{key}" not in extra:
+            writer.add_uint32(f"{arch}.{key}", value)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(VOCAB)
+    for key, text in extra.items():
+        writer.add_key_value(key, text, GGUFValueType.STRING)
+    if with_vocab:
+        writer.add_token_list([f"tok{i}" for i in range(VOCAB)])
+        writer.add_token_scores([float(-i) for i in range(VOCAB)])
+        writer.add_token_types([1] * VOCAB)
+        writer.add_eos_token_id(2)
+        writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for name, value in tiny_tensors().items():
         if name == drop:
             continue

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
@@ -29,6 +29,7 @@ from pagedllm.entrypoints.openai.errors import (
     bad_request,
     install_error_handlers,
 )
+from pagedllm.entrypoints.openai.openapi import SSE_OR_JSON, describe_bodies, error_responses
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -87,7 +88,12 @@ def build_app(
     app.state.llm = llm
     app.state.registry = registry
 
-    @app.get("/health")
+    # Every guarded route can answer 401 (key) and 413 (body size) before it runs.
+    model_errors = error_responses(400, 401, 404, 413)
+    # 200 is JSON, or server-sent events when the body asks for `stream`
+    generation_errors = {**error_responses(400, 401, 404, 413, 503), **SSE_OR_JSON}
+
+    @app.get("/health", response_class=Response, responses=error_responses(503))
     async def health() -> Response:
         if not llm.is_running:
             raise APIError(503, f"the engine has stopped: {llm.dead_error}")
@@ -97,11 +103,11 @@ def build_app(
     async def version() -> JSONResponse:
         return JSONResponse({"version": pagedllm.__version__})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def models() -> JSONResponse:
         data = [
             {
@@ -116,15 +122,15 @@ def build_app(
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=generation_errors)
     async def create_completion(request: Request) -> Response:
         return await completions.create(await parse(request, CompletionRequest), request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=generation_errors)
     async def create_chat_completion(request: Request) -> Response:
         return await chat.create(await parse(request, ChatCompletionRequest), request)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=model_errors)
     async def tokenize(request: Request) -> JSONResponse:
         body = await parse(request, TokenizeRequest)
         chat.check_model(body.model)
@@ -144,7 +150,7 @@ def build_app(
             raise bad_request(e, ("prompt", "messages")) from e
         return JSONResponse({"count": len(ids), "max_model_len": llm.max_model_len, "tokens": ids})
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=model_errors)
     async def detokenize(request: Request) -> JSONResponse:
         body = await parse(request, DetokenizeRequest)
         chat.check_model(body.model)
@@ -154,13 +160,22 @@ def build_app(
             raise APIError(400, f"tokens must be in [0, {vocab}), got {bad}", param="tokens")
         return JSONResponse({"prompt": llm.tokenizer.decode(body.tokens)})
 
-    @app.get("/")
+    @app.get("/", response_class=HTMLResponse, responses=error_responses(404))
     async def index() -> Response:
         page = webui_dir / "index.html"
         if not page.is_file():
             raise APIError(404, "no web page is installed")
         return FileResponse(page)
 
+    describe_bodies(
+        app,
+        {
+            "/v1/completions": CompletionRequest,
+            "/v1/chat/completions": ChatCompletionRequest,
+            "/tokenize": TokenizeRequest,
+            "/detokenize": DetokenizeRequest,
+        },
+    )
     if (webui_dir / "static").is_dir():
         app.mount("/static", StaticFiles(directory=webui_dir / "static"), name="static")
     return app

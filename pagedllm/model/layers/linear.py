@@ -11,7 +11,6 @@ agree with the float32 matmul up to summation order.
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,19 +39,14 @@ _LAYOUTS = {
 BLOCK_QUANT_TYPES = frozenset(_LAYOUTS)
 
 
-@functools.cache
+_INT, _PTR = ctypes.c_int, ctypes.c_void_p
+# block_quant_matmul(bits, x, M, K, q, scales, mins, N, y, num_threads)
+ARGTYPES = (_INT, _PTR, _INT, _INT, _PTR, _PTR, _PTR, _INT, _PTR, _INT)
+
+
 def block_quant_matmul() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """The C kernel `block_quant_matmul`, or None where it cannot be built."""
-    lib = cpu_kernels.compiled(SOURCE)
-    return None if lib is None else declare_kernel(lib)
-
-
-def declare_kernel(lib: ctypes.CDLL) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
-    c_int, c_ptr = ctypes.c_int, ctypes.c_void_p
-    return cpu_kernels.declare(
-        lib, "block_quant_matmul", c_int, c_ptr, c_int, c_int, c_ptr, c_ptr, c_ptr, c_int,
-        c_ptr, c_int,
-    )  # fmt: skip
+    """The C kernel, or None where it cannot be built."""
+    return cpu_kernels.kernel(SOURCE, "block_quant_matmul", ARGTYPES)
 
 
 @dataclass

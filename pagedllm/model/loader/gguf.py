@@ -8,25 +8,32 @@ permutation exactly as `transformers` does when it loads the same file.
 
 from __future__ import annotations
 
-import os
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.linear import BLOCK_QUANT_TYPES, BlockQuantWeight
 from pagedllm.model.loader.errors import ModelLoadError
+from pagedllm.model.loader.gguf_header import check_gguf_header
 
 GGUF_MAGIC = b"GGUF"
 
 # Types we dequantize: every type the gguf package can dequantize.
 _UNQUANTIZED = {GGMLQuantizationType.F32, GGMLQuantizationType.F16}
 SUPPORTED_TYPES = _UNQUANTIZED | set(gguf_quants._type_traits)
+
+# Bounds on config numbers, far beyond any real model, so a corrupt value fails here
+# rather than building billions of layers or a rotary table of 2³² positions.
+MAX_WIDTH = 1 << 20  # hidden size, FFN size, heads, head size
+MAX_CONTEXT = 1 << 24
+MAX_VOCAB = 1 << 24
 
 # Architectures whose Q/K rows llama.cpp's converter permuted (for its interleaved rotary).
 _PERMUTED_QK_ARCHS = {"llama", "mistral"}
@@ -73,27 +80,17 @@ def open_gguf(path: str | Path) -> GGUFReader:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ModelLoadError(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    check_gguf_header(path)  # every declared size fits the file: the reader stays in bounds
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
         raise ModelLoadError(path, f"truncated or corrupt GGUF file ({e})") from e
-    file_size = os.path.getsize(path)
     for tensor in reader.tensors:
         if tensor.tensor_type not in SUPPORTED_TYPES:
             raise ModelLoadError(
                 path,
                 f"tensor {tensor.name!r} has unsupported quantization type "
                 f"{tensor.tensor_type.name}",
-            )
-        block, type_size = GGML_QUANT_SIZES[tensor.tensor_type]
-        if tensor.n_elements % block:
-            raise ModelLoadError(path, f"tensor {tensor.name!r} is not a whole number of blocks")
-        n_bytes = tensor.n_elements // block * type_size
-        if tensor.data_offset + n_bytes > file_size:
-            raise ModelLoadError(
-                path,
-                f"truncated: tensor {tensor.name!r} needs bytes up to "
-                f"{tensor.data_offset + n_bytes}, the file has {file_size}",
             )
     return reader
 
@@ -110,72 +107,112 @@ def metadata(reader: GGUFReader) -> dict[str, Any]:
 
 
 def read_config(path: str | Path, reader: GGUFReader | None = None) -> ModelArchConfig:
-    """The architecture config stored in a GGUF file's metadata."""
+    """The architecture config stored in a GGUF file's metadata, every number range-checked."""
     reader = reader or open_gguf(path)
-    meta = metadata(reader)
-    arch = meta.get("general.architecture")
+    meta = _Metadata(path, metadata(reader))
+    arch = meta.raw.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelLoadError(path, "metadata has no general.architecture")
-
-    def get(key: str, default: Any = None, required: bool = False) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if required and value is None:
-            raise ModelLoadError(path, f"metadata key {arch}.{key} is missing")
-        return value
-
-    hidden = int(get("embedding_length", required=True))
-    num_heads = int(get("attention.head_count", required=True))
-    num_kv_heads = int(get("attention.head_count_kv", num_heads))
-    head_dim = int(get("attention.key_length", 0) or hidden // num_heads)
+    a = f"{arch}."
     tensor_names = {t.name for t in reader.tensors}
-    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    layer_ids = [int(m.group(1)) for n in tensor_names if (m := _LAYER_RE.match(n))]
+    # bounded by the file's own tensors, so a corrupt count cannot build 2³² layers
+    num_layers = meta.integer(a + "block_count", high=max(layer_ids, default=-1) + 1)
+    hidden = meta.integer(a + "embedding_length")
+    num_heads = meta.integer(a + "attention.head_count")
+    num_kv_heads = meta.integer(a + "attention.head_count_kv", num_heads, high=num_heads)
+    if num_heads % num_kv_heads:
+        raise ModelLoadError(
+            path, f"{num_heads} attention heads cannot be shared by {num_kv_heads} KV heads"
+        )
+    head_dim = meta.integer(a + "attention.key_length", 0, low=0) or hidden // num_heads
+    if head_dim < 2 or head_dim % 2:
+        raise ModelLoadError(path, f"the head size {head_dim} is not an even number >= 2")
+    tokens = meta.raw.get("tokenizer.ggml.tokens")
+    vocab = meta.raw.get(a + "vocab_size") or (len(tokens) if isinstance(tokens, list) else 0)
     if not vocab:
         raise ModelLoadError(path, "cannot tell the vocabulary size (no vocab_size, no tokens)")
+    template = meta.raw.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ModelLoadError(path, "metadata tokenizer.chat_template is not a string")
+    name = meta.raw.get("general.name")
     return ModelArchConfig(
         architecture=arch,
-        num_layers=int(get("block_count", required=True)),
+        num_layers=num_layers,
         hidden_size=hidden,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        intermediate_size=int(get("feed_forward_length", required=True)),
-        vocab_size=int(vocab),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(get),
-        max_position_embeddings=int(get("context_length", 2048)),
+        intermediate_size=meta.integer(a + "feed_forward_length"),
+        vocab_size=meta.integer(a + "vocab_size", vocab, high=MAX_VOCAB),
+        rms_norm_eps=meta.positive(a + "attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=meta.positive(a + "rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(meta, a),
+        max_position_embeddings=meta.integer(a + "context_length", 2048, high=MAX_CONTEXT),
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=_int_or_none(meta.get("tokenizer.ggml.bos_token_id")),
-        eos_token_id=_int_or_none(meta.get("tokenizer.ggml.eos_token_id")),
-        pad_token_id=_int_or_none(meta.get("tokenizer.ggml.padding_token_id")),
-        chat_template=meta.get("tokenizer.chat_template"),
-        name=str(meta.get("general.name") or Path(path).stem),
+        bos_token_id=meta.token_id("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.token_id("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.token_id("tokenizer.ggml.padding_token_id"),
+        chat_template=template,
+        name=name if isinstance(name, str) and name else Path(path).stem,
     )
 
 
-def _rope_scaling(get: Any) -> dict[str, Any] | None:
-    kind = get("rope.scaling.type")
-    factor = get("rope.scaling.factor")
-    if kind in (None, "none") or not factor:
+class _Metadata:
+    """Typed, range-checked reads of metadata values; a bad one is a ModelLoadError naming it."""
+
+    def __init__(self, path: str | Path, raw: dict[str, Any]) -> None:
+        self.path = path
+        self.raw = raw
+
+    def integer(
+        self, key: str, default: int | None = None, low: int = 1, high: int = MAX_WIDTH
+    ) -> int:
+        value = self.raw.get(key, default)
+        if value is None:
+            raise ModelLoadError(self.path, f"metadata key {key} is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ModelLoadError(
+                self.path, f"metadata {key} = {value!r} is not an integer in [{low}, {high}]"
+            )
+        return value
+
+    def positive(self, key: str, default: float) -> float:
+        value = self.raw.get(key, default)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and value > 0):
+            raise ModelLoadError(self.path, f"metadata {key} = {value!r} is not a positive number")
+        return float(value)
+
+    def token_id(self, key: str) -> int | None:
+        value = self.raw.get(key)
+        return None if value is None else self.integer(key, low=0, high=MAX_VOCAB)
+
+
+def _rope_scaling(meta: _Metadata, a: str) -> dict[str, Any] | None:
+    kind = meta.raw.get(a + "rope.scaling.type")
+    if kind in (None, "none") or not meta.raw.get(a + "rope.scaling.factor"):
         return None
-    scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
-    original = get("rope.scaling.original_context_length")
-    if original:
-        scaling["original_max_position_embeddings"] = int(original)
+    if not isinstance(kind, str):
+        raise ModelLoadError(meta.path, f"metadata {a}rope.scaling.type is not a string")
+    scaling: dict[str, Any] = {
+        "rope_type": kind,
+        "factor": meta.positive(a + "rope.scaling.factor", 1.0),
+    }
+    if meta.raw.get(a + "rope.scaling.original_context_length"):
+        scaling["original_max_position_embeddings"] = meta.integer(
+            a + "rope.scaling.original_context_length", high=MAX_CONTEXT
+        )
     if kind == "yarn":
         for gguf_key, hf_key in (
             ("rope.scaling.yarn_beta_fast", "beta_fast"),
             ("rope.scaling.yarn_beta_slow", "beta_slow"),
             ("rope.scaling.attn_factor", "attention_factor"),
         ):
-            if get(gguf_key) is not None:
-                scaling[hf_key] = float(get(gguf_key))
+            if meta.raw.get(a + gguf_key) is not None:
+                scaling[hf_key] = meta.positive(a + gguf_key, 1.0)
     return scaling
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 def dequantize(path: str | Path, tensor: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -195,6 +232,19 @@ def load_gguf_tensors(path: str | Path, dtype: torch.dtype) -> dict[str, torch.T
     """Every tensor of a GGUF file by its raw GGUF name, dequantized to `dtype`."""
     reader = open_gguf(path)
     return {t.name: dequantize(path, t, dtype) for t in reader.tensors}
+
+
+def _check_rows_per_head(path: str | Path, name: str, value: torch.Tensor, num_heads: int) -> None:
+    """A Q/K tensor's rows must split into heads of rotary pairs before it is un-permuted.
+
+    The model checks every shape against the config later, but this reshape comes first.
+    """
+    if value.dim() == 0 or value.shape[0] % (2 * num_heads):
+        raise ModelLoadError(
+            path,
+            f"tensor {name!r} has shape {tuple(value.shape)}: its rows do not split "
+            f"into {num_heads} heads of rotary pairs",
+        )
 
 
 def reverse_permute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -239,6 +289,7 @@ def load_gguf(
             elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
                 heads = config.num_kv_heads
             if heads is not None:
+                _check_rows_per_head(path, name, value, heads)
                 value = reverse_permute_qk(value, heads)
                 if block is not None:
                     block = block.map_rows(lambda rows, h=heads: reverse_permute_qk(rows, h))
