@@ -81,6 +81,7 @@ def engine_report(engine: Any, before: EngineCounters) -> dict[str, float | int]
         "prompt_tokens_computed": counters.prompt_tokens_computed,
         "kv_utilization_mean": stats.kv_utilization,
         "peak_running": stats.peak_running,
+        "peak_kv_blocks": stats.peak_kv_blocks,
         "num_preemptions": counters.num_preemptions,
         "num_steps": stats.num_steps,
         "step_time_s": step,

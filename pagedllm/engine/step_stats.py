@@ -21,6 +21,7 @@ class StepStats:
     schedule_time: float = 0.0  # of which Scheduler.schedule (and this bookkeeping)
     execute_time: float = 0.0  # of which ModelRunner.execute: inputs, forward, sampling
     peak_running: int = 0  # most requests running after any schedule()
+    peak_kv_blocks: int = 0  # most physical KV blocks in use after any schedule()
     # KV slots holding tokens and slots in allocated blocks, summed over steps,
     # sampled right after scheduling (when the step's slots are allocated)
     kv_slots_used: int = 0
@@ -31,6 +32,9 @@ class StepStats:
         if running > self.peak_running:
             self.peak_running = running
         used, allocated = scheduler.kv_cache_manager.slot_usage()
+        blocks = allocated // scheduler.kv_cache_manager.block_size
+        if blocks > self.peak_kv_blocks:
+            self.peak_kv_blocks = blocks
         self.kv_slots_used += used
         self.kv_slots_allocated += allocated
 

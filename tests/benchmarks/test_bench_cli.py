@@ -75,6 +75,9 @@ def test_throughput_with_shared_prefix_parallel_sampling_and_hf_baseline(tmp_pat
     check_engine_report(r["pagedllm"], 4)
     assert r["pagedllm"]["prefix_cache_hits"] > 0
     assert r["pagedllm"]["peak_running"] <= 4  # 2 requests, forked into 2 sequences each
+    # blocks of 16: two prompts of 48 tokens held once (3 blocks each, the 32-token prefix
+    # shared), each of the 4 sequences adds at most one block for its 8 new tokens
+    assert r["pagedllm"]["peak_kv_blocks"] <= 2 * 3 + 4
     assert r["hf"]["generated_tokens"] == 4 * 8 * 2
     assert r["speedup"]["output_tokens_per_s"] == pytest.approx(
         r["pagedllm"]["output_tokens_per_s"] / r["hf"]["output_tokens_per_s"]

@@ -24,6 +24,7 @@ def test_observe_schedule_tracks_peak_running_and_kv_slots():
     stats.observe_schedule(scheduler)
     # each decodes one token: 7 in 2 blocks, 9 in 3 blocks
     assert (stats.kv_slots_used, stats.kv_slots_allocated) == (14 + 16, 16 + 20)
+    assert stats.peak_kv_blocks == 5
     assert stats.kv_utilization == pytest.approx(30 / 36)
 
 

@@ -36,7 +36,7 @@ CHECKS = [
     response_schema_conformance,
 ]
 # Bounds for the test's copy of the schema: a generated request stays a few tokens long.
-BOUNDS = {"max_tokens": 4, "max_completion_tokens": 4, "n": 2, "best_of": 2, "min_tokens": 4}
+BOUNDS = {"max_tokens": 4, "max_completion_tokens": 4, "n": 2, "min_tokens": 4}
 
 
 def bounded(schema: dict[str, Any]) -> dict[str, Any]:
@@ -46,8 +46,16 @@ def bounded(schema: dict[str, Any]) -> dict[str, Any]:
         body = schema["components"]["schemas"][name]
         for prop, top in BOUNDS.items():
             if prop in body["properties"]:
-                body["properties"][prop] = {"type": "integer", "minimum": 1, "maximum": top}
+                # an enum, not {"type": "integer", ...}: JSON Schema counts 3.0 as an
+                # integer and generators send it, which the (strict) protocol refuses
+                body["properties"][prop] = {"enum": list(range(1, top + 1))}
         body["required"] = sorted({*body.get("required", []), "max_tokens"})
+    # Completions: most random prompts (empty, token ids outside the vocabulary) and the
+    # unsupported suffix/best_of are 400s; keep text prompts, so some requests generate.
+    completion = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    completion["prompt"] = {"type": "string", "minLength": 1, "maxLength": 64}
+    for unsupported in ("suffix", "best_of"):
+        completion.pop(unsupported, None)
     return schema
 
 
@@ -92,7 +100,11 @@ def test_api_conforms_to_its_schema(document, server, label, mode):
     statuses: Counter[int] = Counter()
 
     @settings(
-        max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        max_examples=25,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=True,  # the same examples every run: a flaky fuzz test helps no one
     )
     @given(case=operations[label].as_strategy(mode))
     def conforms(case) -> None:
