@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from typing import Any
 
@@ -114,14 +113,6 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        results = run(args)
-    except ValueError as e:
-        print(f"pagedllm bench latency: error: {e}", file=sys.stderr)
-        return 2
-    print(format_results(results))
-    if args.json_out:
-        from pagedllm.benchmarks.metrics import write_json
+    from pagedllm.benchmarks.metrics import report_main
 
-        write_json(args.json_out, results)
-    return 0
+    return report_main("latency", run, format_results, args)

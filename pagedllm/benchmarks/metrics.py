@@ -3,8 +3,10 @@ over one run, and aligned text tables."""
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,3 +108,26 @@ def format_table(title: str, rows: Sequence[tuple[str, str]], width: int = 50) -
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def report_main(
+    command: str,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    format_results: Callable[[dict[str, Any]], str],
+    args: argparse.Namespace,
+    succeeded: Callable[[dict[str, Any]], bool] = lambda results: True,
+) -> int:
+    """A bench command's main: run, print the report, write --json-out.
+
+    Exit status 2 for bad arguments (a ValueError from `run`), 1 when `succeeded` says
+    the run failed, else 0.
+    """
+    try:
+        results = run(args)
+    except ValueError as e:
+        print(f"pagedllm bench {command}: error: {e}", file=sys.stderr)
+        return 2
+    print(format_results(results))
+    if args.json_out:
+        write_json(args.json_out, results)
+    return 0 if succeeded(results) else 1

@@ -220,15 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """Print the report (and write --json-out); exit 1 when no request succeeded."""
-    from pagedllm.benchmarks.metrics import write_json
+    from pagedllm.benchmarks.metrics import report_main
     from pagedllm.benchmarks.serve_metrics import format_results
 
-    try:
-        results = run(args)
-    except ValueError as e:
-        print(f"pagedllm bench serve: error: {e}", file=sys.stderr)
-        return 2
-    print(format_results(results))
-    if args.json_out:
-        write_json(args.json_out, results)
-    return 0 if results["completed"] else 1
+    return report_main("serve", run, format_results, args, lambda r: bool(r["completed"]))

@@ -2,10 +2,10 @@
  *
  * The torch path gathers every decode sequence's blocks into a padded copy and runs SDPA
  * on it: at 64 sequences of a few hundred tokens that copy (and the padded reads) cost
- * more than the layer's matmuls. Here each (sequence, KV head) pair walks its own block
- * table: pass 1 scores the G query heads sharing that KV head against every key, a
- * softmax in float32 (max subtracted), pass 2 sums the values. Each key and value is
- * read once, straight from its block.
+ * more than the layer's matmuls. Here each sequence (one work item) walks its own block
+ * table: pass 1 scores all its query heads against each key row (every KV head of a token
+ * is one contiguous row), a softmax in float32 (max subtracted), pass 2 sums the values.
+ * Each key and value is read once, straight from its block.
  *
  * query [B, Hkv * G, D], key/value cache [num_blocks, block_size, Hkv, D],
  * block_tables [B, max_blocks] (int64), seq_lens [B] (int64), out [B, Hkv * G, D].
@@ -73,7 +73,7 @@ int paged_decode_attention(const float *query, const float *key_cache, const flo
                     scores[(size_t)i * len + t] = s * scale;
                 }
             }
-            /* softmax weights (max subtracted), unnormalised; their sums */
+            /* softmax over each head's scores (max subtracted), normalised in place */
             for (int i = 0; i < num_heads; i++) {
                 float *row = scores + (size_t)i * len;
                 float max_score = -INFINITY, sum = 0.f;

@@ -2,7 +2,7 @@
  *
  * A decode step with a few sequences reads every weight once per step: with float32
  * weights the step is bound by memory traffic (4 bytes per weight). These kernels read
- * the file's 4-bit or 8-bit blocks instead (0.75 or 1.25 bytes per weight with the
+ * the file's 4-bit or 8-bit blocks instead (0.75 or 1.125 bytes per weight with the
  * float32 scales) and do the multiply-adds in float32, so the result equals a float32
  * matmul over the dequantized weights up to summation order.
  *
