@@ -110,8 +110,13 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     max_waiting: int | None = None
     seed: int = 0
+    exact_matmul: bool = False
+    threads: int | None = None  # None: every core the process may run on
 
     def __post_init__(self) -> None:
+        _check_bool("exact_matmul", self.exact_matmul)
+        if self.threads is not None:
+            _check_int("threads", self.threads, minimum=1, maximum=4096)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
@@ -166,4 +171,7 @@ ENGINE_ARG_HELP = {
     "scheduling_policy": "fcfs or priority",
     "max_waiting": "most requests waiting; more are refused (default: unbounded)",
     "seed": "seed of the engine's shared random stream",
+    "exact_matmul": "multiply quantized GGUF weights in float32 from their exact values "
+    "(matches transformers; default: int8 activations per block of 32, as llama.cpp does)",
+    "threads": "CPU threads for kernels and torch (default: every core this process may use)",
 }

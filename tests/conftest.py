@@ -22,7 +22,7 @@ def default_model_path():
 def model_f32(default_model_path):
     from pagedllm.model.loader import load_model
 
-    return load_model(default_model_path, torch.float32)
+    return load_model(default_model_path, torch.float32, exact_matmul=True)
 
 
 @pytest.fixture(scope="session")

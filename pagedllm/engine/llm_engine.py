@@ -8,6 +8,7 @@ processor turns them into text. Requests join and leave every step.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and `taskset`
+    narrow), so kernels and torch never run more threads than cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: float32 on CPU, bfloat16 on CUDA where supported, else float16.
 
@@ -66,11 +76,12 @@ class LLMEngine:
         # 2-3x slower (measured: 742 → 224 ms per decode step under load); flushing
         # them to zero changes no logit beyond float tolerance.
         torch.set_flush_denormal(True)
+        torch.set_num_threads(args.threads or usable_cores())
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
         path = resolve_model_path(args.model)
         self.model_path = path
-        self.model = load_model(path, self.dtype, self.device)
+        self.model = load_model(path, self.dtype, self.device, exact_matmul=args.exact_matmul)
         self.model_config = config = self.model.config
         self.tokenizer = load_tokenizer(path)
         context = config.max_position_embeddings

@@ -35,7 +35,7 @@ def one_thread():
 def llm():
     from pagedllm import LLM
 
-    return LLM(dtype="float32", num_kv_blocks=256, max_model_len=512)
+    return LLM(dtype="float32", exact_matmul=True, num_kv_blocks=256, max_model_len=512)
 
 
 @torch.no_grad()

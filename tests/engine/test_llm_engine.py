@@ -17,7 +17,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float32", kv_cache_memory=0.5, seed=0)
+    return LLM(dtype="float32", exact_matmul=True, kv_cache_memory=0.5, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_greedy_matches_reference_alone(llm, parity_prompts, expected):
 def test_greedy_matches_reference_in_batch_of_64(
     engine_args, parity_prompts, expected, long_prompt_logprobs
 ):
-    llm = LLM(dtype="float32", kv_cache_memory=0.5, **engine_args)
+    llm = LLM(dtype="float32", exact_matmul=True, kv_cache_memory=0.5, **engine_args)
     prompts = parity_prompts + fillers(64 - len(parity_prompts))
     params = [GREEDY] * len(prompts)
     params[3] = GREEDY.clone(prompt_logprobs=2)  # the long prompt, chunked in one case
@@ -118,7 +118,7 @@ def test_greedy_matches_reference_in_batch_of_64(
 def test_kv_pressure_preempts_and_loses_nothing(parity_prompts, expected, llm):
     prompts = parity_prompts[:2] + fillers(14)
     calm = llm.generate(prompts, GREEDY, use_tqdm=False)
-    tight = LLM(dtype="float32", num_kv_blocks=48, max_num_batched_tokens=256)
+    tight = LLM(dtype="float32", exact_matmul=True, num_kv_blocks=48, max_num_batched_tokens=256)
     outs = tight.generate(prompts, GREEDY, use_tqdm=False)
     m = tight.get_metrics()
     assert m["num_preemptions_total"] > 0
@@ -136,7 +136,7 @@ def test_seeded_request_is_reproducible_anywhere(llm):
         .outputs[0]
         .token_ids
     )
-    other_engine = LLM(dtype="float32", kv_cache_memory=0.25, seed=99)
+    other_engine = LLM(dtype="float32", exact_matmul=True, kv_cache_memory=0.25, seed=99)
     again = (
         other_engine.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0].token_ids
     )

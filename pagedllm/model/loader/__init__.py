@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pagedllm.model.config import ModelArchConfig
-from pagedllm.model.layers.linear import BlockQuantWeight, block_quant_supported
+from pagedllm.model.layers.quantized import QuantizedWeight, kernels
 from pagedllm.model.loader.errors import ModelLoadError
 from pagedllm.model.loader.gguf import load_gguf
 from pagedllm.model.loader.gguf import read_config as read_gguf_config
@@ -68,29 +68,40 @@ def read_model_config(model: str | Path | None) -> ModelArchConfig:
 
 
 def load_tensors(
-    model: str | Path | None, dtype: torch.dtype, *, keep_blocks: bool = False
-) -> tuple[Path, ModelArchConfig, dict[str, torch.Tensor], dict[str, BlockQuantWeight]]:
-    """Config and Hugging Face-named tensors from a GGUF file or a safetensors folder, and
-    (with `keep_blocks`) a GGUF's block-quantized weights as blocks too."""
+    model: str | Path | None, dtype: torch.dtype, *, quantized: bool = False
+) -> tuple[Path, ModelArchConfig, dict[str, torch.Tensor | QuantizedWeight]]:
+    """Config and Hugging Face-named tensors from a GGUF file or a safetensors folder; with
+    `quantized`, a GGUF's quantized matrices stay as its blocks."""
     path = resolve_model_path(model)
     if _is_gguf(path):
-        return path, *load_gguf(path, dtype, keep_blocks=keep_blocks)
-    return path, *load_safetensors(path, dtype), {}
+        return path, *load_gguf(path, dtype, quantized=quantized)
+    return path, *load_safetensors(path, dtype)
+
+
+def computes_from_blocks(device: torch.device) -> bool:
+    """Whether quantized weights stay quantized: on the CPU, where the block kernels build."""
+    return device.type == "cpu" and kernels() is not None
 
 
 def load_model(
     model: str | Path | None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    exact_matmul: bool = False,
 ) -> torch.nn.Module:
-    """Build the model class registered for the file's architecture and fill its weights."""
+    """Build the model class registered for the file's architecture and fill its weights.
+
+    On the CPU a GGUF's quantized matrices are kept as the file's blocks (the only copy);
+    `exact_matmul` multiplies them in float32 from their exact values instead of with
+    int8 activations, so the logits match a float32 reference (transformers).
+    """
     from pagedllm.model.models.registry import model_class_for
 
     device = torch.device(device)
-    keep_blocks = block_quant_supported(dtype, device)
-    path, config, tensors, blocks = load_tensors(model, dtype, keep_blocks=keep_blocks)
+    path, config, tensors = load_tensors(model, dtype, quantized=computes_from_blocks(device))
     cls = model_class_for(config.architecture, path)
     with torch.device("meta"):
         module = cls(config)
-    module.load_weights(tensors, path, dtype=dtype, device=device, block_weights=blocks)
+    module.load_weights(tensors, path, dtype=dtype, device=device, exact_matmul=exact_matmul)
     return module.eval()

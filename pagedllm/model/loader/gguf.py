@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
 from pagedllm.model.config import ModelArchConfig
-from pagedllm.model.layers.linear import BLOCK_QUANT_TYPES, BlockQuantWeight
+from pagedllm.model.layers.quantized import QUANT_TYPES, QuantizedWeight
 from pagedllm.model.loader.errors import ModelLoadError
 from pagedllm.model.loader.gguf_header import check_gguf_header
 
@@ -234,12 +234,14 @@ def load_gguf_tensors(path: str | Path, dtype: torch.dtype) -> dict[str, torch.T
     return {t.name: dequantize(path, t, dtype) for t in reader.tensors}
 
 
-def _check_rows_per_head(path: str | Path, name: str, value: torch.Tensor, num_heads: int) -> None:
+def _check_rows_per_head(
+    path: str | Path, name: str, value: torch.Tensor | QuantizedWeight, num_heads: int
+) -> None:
     """A Q/K tensor's rows must split into heads of rotary pairs before it is un-permuted.
 
     The model checks every shape against the config later, but this reshape comes first.
     """
-    if value.dim() == 0 or value.shape[0] % (2 * num_heads):
+    if len(value.shape) == 0 or value.shape[0] % (2 * num_heads):
         raise ModelLoadError(
             path,
             f"tensor {name!r} has shape {tuple(value.shape)}: its rows do not split "
@@ -263,25 +265,37 @@ def reverse_permute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
+def _tensor_value(
+    path: str | Path, tensor: Any, name: str, dtype: torch.dtype, quantized: bool
+) -> torch.Tensor | QuantizedWeight:
+    """One tensor as the model keeps it: the file's blocks (`quantized`, for the types the
+    kernels compute from), a 2-D F16/BF16 tensor in its own dtype, or `dtype` values."""
+    kind = tensor.tensor_type
+    matrix = len(tensor.shape) == 2
+    if quantized and matrix and kind in QUANT_TYPES:
+        return QuantizedWeight.from_gguf(tensor.data, kind)
+    if quantized and matrix and kind in _HALF_TYPES:
+        return dequantize(path, tensor, _HALF_TYPES[kind])  # exact: half → float32 → half
+    # rotary frequency factors stay in float32: they scale angles, not activations
+    return dequantize(path, tensor, torch.float32 if name == "rope_freqs" else dtype)
+
+
+_HALF_TYPES = {GGMLQuantizationType.F16: torch.float16, GGMLQuantizationType.BF16: torch.bfloat16}
+
+
 def load_gguf(
-    path: str | Path, dtype: torch.dtype, *, keep_blocks: bool = False
-) -> tuple[ModelArchConfig, dict[str, torch.Tensor], dict[str, BlockQuantWeight]]:
-    """A GGUF model: its config, its tensors under Hugging Face names, and (with
-    `keep_blocks`) the Q4_0/Q4_1/Q8_0 weights also as their blocks, for the quantized
-    small-batch matmuls of `Linear`."""
+    path: str | Path, dtype: torch.dtype, *, quantized: bool = False
+) -> tuple[ModelArchConfig, dict[str, torch.Tensor | QuantizedWeight]]:
+    """A GGUF model: its config and its tensors under Hugging Face names. With `quantized`
+    (the CPU kernels are built), quantized matrices stay as the file's blocks, the only copy."""
     reader = open_gguf(path)
     config = read_config(path, reader)
-    tensors: dict[str, torch.Tensor] = {}
-    blocks: dict[str, BlockQuantWeight] = {}
+    tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
-        # rotary frequency factors stay in float32: they scale angles, not activations
-        value = dequantize(path, tensor, torch.float32 if name == "rope_freqs" else dtype)
-        block = None
-        if keep_blocks and tensor.tensor_type in BLOCK_QUANT_TYPES and value.dim() == 2:
-            block = BlockQuantWeight.from_gguf(tensor.data, tensor.tensor_type)
+        value = _tensor_value(path, tensor, name, dtype, quantized)
         if config.architecture in _PERMUTED_QK_ARCHS:
             heads = None
             if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
@@ -290,10 +304,9 @@ def load_gguf(
                 heads = config.num_kv_heads
             if heads is not None:
                 _check_rows_per_head(path, name, value, heads)
-                value = reverse_permute_qk(value, heads)
-                if block is not None:
-                    block = block.map_rows(lambda rows, h=heads: reverse_permute_qk(rows, h))
+                if isinstance(value, QuantizedWeight):
+                    value = value.map_rows(lambda rows, h=heads: reverse_permute_qk(rows, h))
+                else:
+                    value = reverse_permute_qk(value, heads)
         tensors[name] = value
-        if block is not None:
-            blocks[name] = block
-    return config, tensors, blocks
+    return config, tensors

@@ -17,7 +17,7 @@ from torch import nn
 from pagedllm.attention import AttentionMetadata, paged_attention
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.activation import silu_and_mul
-from pagedllm.model.layers.linear import BlockQuantWeight, Linear
+from pagedllm.model.layers.linear import Embedding, Linear, WeightPart
 from pagedllm.model.layers.rms_norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding, rope_frequencies
 from pagedllm.model.loader.errors import ModelLoadError
@@ -105,7 +105,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelArchConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -163,67 +163,52 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: dict[str, WeightPart],
         path: str | Path,
         dtype: torch.dtype,
         device: torch.device,
-        block_weights: dict[str, BlockQuantWeight] | None = None,
+        exact_matmul: bool = False,
     ) -> None:
         """Check names and shapes against the config, fuse projections, move to device.
 
-        `block_weights` (Hugging Face names → the file's quantized blocks) are attached to
-        the matching linear layers for their small-batch path; pass them only where
-        `block_quant_supported` says the kernels run.
+        Quantized weights (`QuantizedWeight`) stay as they are: fused layers stack their
+        parts' rows; `exact_matmul` is passed to every linear layer.
         """
         check_shapes(self.expected_shapes(), {k: tuple(v.shape) for k, v in tensors.items()}, path)
         c = self.config
-        state: dict[str, torch.Tensor] = {
-            "embed_tokens.weight": tensors["model.embed_tokens.weight"],
-            "norm.weight": tensors["model.norm.weight"],
-            "lm_head.weight": tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]),
-        }
-        for i in range(c.num_layers):
-            src, dst = f"model.layers.{i}.", f"layers.{i}."
-            attn, mlp = src + "self_attn.", src + "mlp."
-            state[dst + "self_attn.qkv_proj.weight"] = torch.cat(
-                [tensors[attn + f"{x}_proj.weight"] for x in "qkv"]
-            )
-            if c.attention_bias:
-                state[dst + "self_attn.qkv_proj.bias"] = torch.cat(
-                    [tensors[attn + f"{x}_proj.bias"] for x in "qkv"]
-                )
-            state[dst + "self_attn.o_proj.weight"] = tensors[attn + "o_proj.weight"]
-            state[dst + "mlp.gate_up_proj.weight"] = torch.cat(
-                [tensors[mlp + "gate_proj.weight"], tensors[mlp + "up_proj.weight"]]
-            )
-            state[dst + "mlp.down_proj.weight"] = tensors[mlp + "down_proj.weight"]
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                state[dst + f"{norm}.weight"] = tensors[src + f"{norm}.weight"]
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-        self.load_state_dict(state, strict=True, assign=True)
-        if c.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = self._build_rotary(tensors.get("rope_freqs"), path).to(device)
-        if block_weights:
-            self._attach_blocks(block_weights)
 
-    def _attach_blocks(self, blocks: dict[str, BlockQuantWeight]) -> None:
-        """Give each linear layer its weight's blocks (fused layers: the parts' rows, stacked)."""
-        c = self.config
-        cat = BlockQuantWeight.cat
-        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        self.lm_head.block_weight = blocks.get(head)
+        def dense(name: str) -> nn.Parameter:
+            value = tensors[name]
+            assert isinstance(value, torch.Tensor), f"{name} must be a dense tensor"
+            return nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
+
+        def linear(layer: Linear, names: list[str], bias: list[str] | None = None) -> None:
+            b = None
+            if bias:
+                b = torch.cat([tensors[n] for n in bias]).to(dtype)  # type: ignore[misc]
+            layer.load([tensors[n] for n in names], b, device, exact_matmul)
+
+        embedding = tensors["model.embed_tokens.weight"]
+        self.embed_tokens.load(embedding, dtype, device)
+        head = tensors.get("lm_head.weight", embedding)
+        self.lm_head.load([head], None, device, exact_matmul)
+        if c.tie_word_embeddings and isinstance(embedding, torch.Tensor):
+            self.lm_head.weight = self.embed_tokens.weight  # one table, not two
+        self.norm.weight = dense("model.norm.weight")
         for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj.block_weight = cat(
-                [blocks.get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+            src = f"model.layers.{i}."
+            attn, mlp = src + "self_attn.", src + "mlp."
+            linear(
+                layer.self_attn.qkv_proj,
+                [attn + f"{x}_proj.weight" for x in "qkv"],
+                [attn + f"{x}_proj.bias" for x in "qkv"] if c.attention_bias else None,
             )
-            attn.o_proj.block_weight = blocks.get(p + "self_attn.o_proj.weight")
-            mlp.gate_up_proj.block_weight = cat(
-                [blocks.get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
-            )
-            mlp.down_proj.block_weight = blocks.get(p + "mlp.down_proj.weight")
+            linear(layer.self_attn.o_proj, [attn + "o_proj.weight"])
+            linear(layer.mlp.gate_up_proj, [mlp + "gate_proj.weight", mlp + "up_proj.weight"])
+            linear(layer.mlp.down_proj, [mlp + "down_proj.weight"])
+            layer.input_layernorm.weight = dense(src + "input_layernorm.weight")
+            layer.post_attention_layernorm.weight = dense(src + "post_attention_layernorm.weight")
+        self.rotary = self._build_rotary(tensors.get("rope_freqs"), path).to(device)  # type: ignore[arg-type]
 
     def _build_rotary(self, rope_freqs: torch.Tensor | None, path: str | Path) -> RotaryEmbedding:
         c = self.config
