@@ -30,6 +30,14 @@ class AttentionMetadata:
     decode_seq_idx: torch.Tensor  # [Bd] int64
     decode_token_idx: torch.Tensor  # [Bd] int64
     prefill_seq_idx: list[int]
+    # The decode sequences' block tables and lengths, gathered once per step (not per layer).
+    decode_block_tables: torch.Tensor  # [Bd, max_blocks] int64
+    decode_seq_lens: torch.Tensor  # [Bd] int64
+
+    @property
+    def decode_only(self) -> bool:
+        """Every sequence brings one token: the decode rows are the whole batch, in order."""
+        return not self.prefill_seq_idx
 
     @property
     def num_tokens(self) -> int:
@@ -82,4 +90,6 @@ class AttentionMetadata:
             decode_seq_idx=decode_seq_idx.to(device),
             decode_token_idx=query_start_loc[:-1][decode_seq_idx].to(device),
             prefill_seq_idx=torch.nonzero(~is_decode).flatten().tolist(),
+            decode_block_tables=table[decode_seq_idx].to(device),
+            decode_seq_lens=seq_lens_t[decode_seq_idx].to(device),
         )

@@ -59,6 +59,8 @@ def paged_attention(
     to its own sequence's keys up to and including its own position.
     """
     write_kv(kv_cache, key, value, meta.slot_mapping)
+    if meta.decode_only:
+        return _decode(query, kv_cache, meta, scale)
     out = torch.empty_like(query)
     if meta.decode_seq_idx.numel():
         out[meta.decode_token_idx] = _decode(query, kv_cache, meta, scale)
@@ -100,14 +102,15 @@ def _decode(
     """All single-token queries at once: in place on the CPU (C kernel), else over their
     padded, gathered block tables."""
     seq_idx = meta.decode_seq_idx
-    seq_lens = meta.seq_lens[seq_idx]
+    seq_lens = meta.decode_seq_lens
+    decode_query = query if meta.decode_only else query[meta.decode_token_idx]
     if cpu_decode.supports(query, kv_cache):
         return cpu_decode.paged_decode(
-            query[meta.decode_token_idx], kv_cache, meta.block_tables[seq_idx], seq_lens, scale
+            decode_query, kv_cache, meta.decode_block_tables, seq_lens, scale
         )
     max_len = max(meta.seq_lens_list[i] for i in seq_idx.tolist())
     num_blocks = -(-max_len // meta.block_size)
-    tables = meta.block_tables[seq_idx, :num_blocks]
+    tables = meta.decode_block_tables[:, :num_blocks]
     k = _gather(kv_cache[0], tables)  # [Bd, L, Hkv, D]
     v = _gather(kv_cache[1], tables)
     length = k.shape[1]
@@ -115,7 +118,7 @@ def _decode(
     # The query heads sharing a KV head (h * G … h * G + G - 1) act as G queries of one
     # head: no grouped-query expansion of the gathered keys (7% faster measured).
     num_seqs, _, num_kv_heads, head_dim = k.shape
-    q = query[meta.decode_token_idx].view(num_seqs, num_kv_heads, -1, head_dim)
+    q = decode_query.reshape(num_seqs, num_kv_heads, -1, head_dim)
     o = F.scaled_dot_product_attention(
         q,
         k.transpose(1, 2).to(q.dtype),

@@ -151,10 +151,9 @@ class QuantizedWeight:
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, exact: bool = False):
         """out[M, rows] = x[M, cols] @ w^T for float32 x; `out` may be a column slice of a
         wider float32 tensor (fused layers write their parts in place)."""
-        rows = self.shape[0]
         x = x.contiguous()
         if out is None:
-            out = torch.empty(x.shape[0], rows, dtype=torch.float32)
+            out = torch.empty(x.shape[0], self.data.shape[0], dtype=torch.float32)
         if x.shape[0] <= SMALL_BATCH:
             for start in range(0, x.shape[0], MAX_ROWS):
                 self._block_matmul(x[start : start + MAX_ROWS], out[start:], exact)
@@ -163,24 +162,26 @@ class QuantizedWeight:
         return out
 
     def _block_matmul(self, x: torch.Tensor, out: torch.Tensor, exact: bool) -> None:
-        assert out.stride(1) == 1 and x.dtype == torch.float32
+        # the per-call Python work is part of every decode step's cost: keep it small
         status = self._kernels().matmul(
-            int(self.qtype),
-            _ptr(self.data),
-            self.data.shape[1],
-            self.shape[0],
-            self.cols,
-            _ptr(x),
+            *self._matmul_args,
+            x.data_ptr(),
             x.shape[0],
-            _ptr(out),
+            out.data_ptr(),
             out.stride(0),
-            int(exact),
+            exact,
             torch.get_num_threads(),
         )
         if status != 0:
             raise RuntimeError(
                 f"{self.qtype.name} matmul of {tuple(x.shape)} by {self.shape} failed ({status})"
             )
+
+    @functools.cached_property
+    def _matmul_args(self) -> tuple[int, int, int, int, int]:
+        """The kernel's leading arguments: type, weight address, row bytes, rows, cols."""
+        data = self.data
+        return int(self.qtype), data.ctypes.data, data.shape[1], data.shape[0], self.cols
 
     def _tiled_matmul(self, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> None:
         rows = self.shape[0]

@@ -19,7 +19,7 @@ from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.activation import silu_and_mul
 from pagedllm.model.layers.linear import Embedding, Linear, WeightPart
 from pagedllm.model.layers.rms_norm import RMSNorm
-from pagedllm.model.layers.rotary import RotaryEmbedding, rope_frequencies
+from pagedllm.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_frequencies
 from pagedllm.model.loader.errors import ModelLoadError
 
 
@@ -51,18 +51,17 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
         hidden: torch.Tensor,
-        rotary: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        tokens, heads = qkv.shape[0], self.num_heads + self.num_kv_heads
+        # Q and K sit side by side in the fused output: rotate them in one go.
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(tokens, heads, -1), *cos_sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -87,15 +86,12 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
         hidden: torch.Tensor,
-        rotary: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(
-            positions, self.input_layernorm(hidden), rotary, kv_cache, meta
-        )
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -121,8 +117,9 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] for a flat batch; writes each layer's K/V to kv_caches."""
         assert self.rotary is not None, "load_weights() first"
         hidden = self.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, self.rotary, kv_cache, meta)
+            hidden = layer(hidden, cos_sin, kv_cache, meta)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
