@@ -32,13 +32,15 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+AVX512_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 # Levels from least to most capable: compiler flags and the /proc/cpuinfo flags they need.
 LEVELS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "portable": ((), frozenset()),
     "avx2": (("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"})),
     "avx512vnni": (
-        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
-        frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+        (*AVX512_FLAGS, "-mavx512vnni"),
+        frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
+        | {"avx512_vnni"},
     ),
 }
 

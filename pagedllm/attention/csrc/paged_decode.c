@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__SSE__)
 #include <immintrin.h>
@@ -102,4 +103,42 @@ int paged_decode_attention(const float *query, const float *key_cache, const flo
         free(scores);
     }
     return failed ? -1 : 0;
+}
+
+/* A decode step's attention straight from the fused QKV projection, one token per sequence:
+   q and k are rotated (rotate-half convention, as transformers' Llama: cos/sin rows hold
+   both halves' angles), k and v are written to their cache slots, then each query attends
+   as in paged_decode_attention. qkv rows are [q (Hq*D) | k (Hkv*D) | v (Hkv*D)], ld apart.
+   Return 0, or -1 when a buffer could not be allocated. */
+int paged_decode_rope(const float *qkv, long ld, const float *cos, const float *sin,
+                      const int64_t *slots, float *key_cache, float *value_cache,
+                      const int64_t *block_tables, const int64_t *seq_lens, int num_seqs,
+                      int max_blocks, int block_size, int num_kv_heads, int group, int head_dim,
+                      float scale, float *out, int num_threads) {
+    const int num_heads = num_kv_heads * group, half = head_dim / 2;
+    const size_t q_size = (size_t)num_heads * head_dim, kv_size = (size_t)num_kv_heads * head_dim;
+    float *query = malloc(sizeof(float) * q_size * (num_seqs > 0 ? num_seqs : 1));
+    if (!query) return -1;
+    for (int b = 0; b < num_seqs; b++) {
+        const float *row = qkv + (size_t)b * ld, *c = cos + (size_t)b * head_dim,
+                    *s = sin + (size_t)b * head_dim;
+        float *key = key_cache + (size_t)slots[b] * kv_size;
+        for (int h = 0; h < num_heads + num_kv_heads; h++) {
+            const float *x = row + (size_t)h * head_dim;
+            float *o = h < num_heads ? query + (size_t)b * q_size + (size_t)h * head_dim
+                                     : key + (size_t)(h - num_heads) * head_dim;
+            for (int i = 0; i < half; i++) {
+                const float first = x[i], second = x[i + half];
+                o[i] = first * c[i] - second * s[i];
+                o[i + half] = second * c[i + half] + first * s[i + half];
+            }
+        }
+        memcpy(value_cache + (size_t)slots[b] * kv_size, row + q_size + kv_size,
+               sizeof(float) * kv_size);
+    }
+    int status = paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                        num_seqs, max_blocks, block_size, num_kv_heads, group,
+                                        head_dim, scale, out, num_threads);
+    free(query);
+    return status;
 }

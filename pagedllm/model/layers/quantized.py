@@ -34,8 +34,12 @@ SMALL_BATCH = 16
 TILE_BYTES = 1 << 20  # one dequantized tile: stays in the L2 cache while torch multiplies it
 
 _INT, _LONG, _PTR = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-# quant_matmul(type, w, row_bytes, N, K, x, M, y, ldy, exact, num_threads)
-MATMUL_ARGS = (_INT, _PTR, _LONG, _INT, _INT, _PTR, _INT, _PTR, _LONG, _INT, _INT)
+# quant_matmul(type, w, row_bytes, N, K, x, ldx, M, y, ldy, exact, op, norm_weight, eps,
+#              accumulate, num_threads)
+MATMUL_ARGS = (_INT, _PTR, _LONG, _INT, _INT, _PTR, _LONG, _INT, _PTR, _LONG, _INT, _INT, _PTR)
+MATMUL_ARGS += (ctypes.c_float, _INT, _INT)
+# What the kernel does to x first (the C enum) and whether it adds y to the output.
+PLAIN, RMS_NORM, SILU_MUL = 0, 1, 2
 # dequantize_rows(type, w, row_bytes, K, ids, n, out, bf16, num_threads)
 DEQUANT_ARGS = (_INT, _PTR, _LONG, _INT, _PTR, _INT, _PTR, _INT, _INT)
 
@@ -161,15 +165,43 @@ class QuantizedWeight:
             self._tiled_matmul(x, out, torch.float32 if exact else fast_tile_dtype())
         return out
 
-    def _block_matmul(self, x: torch.Tensor, out: torch.Tensor, exact: bool) -> None:
+    def fused_matmul(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        exact: bool,
+        op: int = PLAIN,
+        norm: tuple[torch.Tensor, float] | None = None,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
+        """out (=, or += with `accumulate`) op(x) @ w^T for at most MAX_ROWS float32 rows,
+        op being PLAIN, RMS_NORM (`norm` = its weight and eps) or SILU_MUL (x rows hold
+        [gate | up]): a decode step's norm, activation and residual add in the one call."""
+        self._block_matmul(x, out, exact, op, norm, accumulate)
+        return out
+
+    def _block_matmul(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        exact: bool,
+        op: int = PLAIN,
+        norm: tuple[torch.Tensor, float] | None = None,
+        accumulate: bool = False,
+    ) -> None:
         # the per-call Python work is part of every decode step's cost: keep it small
         status = self._kernels().matmul(
             *self._matmul_args,
             x.data_ptr(),
+            x.stride(0),
             x.shape[0],
             out.data_ptr(),
             out.stride(0),
             exact,
+            op,
+            None if norm is None else norm[0].data_ptr(),
+            0.0 if norm is None else norm[1],
+            accumulate,
             torch.get_num_threads(),
         )
         if status != 0:

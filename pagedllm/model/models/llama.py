@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagedllm.attention import AttentionMetadata, paged_attention
+from pagedllm.attention import AttentionMetadata, cpu_decode, paged_attention
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.activation import silu_and_mul
 from pagedllm.model.layers.linear import Embedding, Linear, WeightPart
+from pagedllm.model.layers.quantized import MAX_ROWS, RMS_NORM, SILU_MUL, QuantizedWeight
 from pagedllm.model.layers.rms_norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_frequencies
 from pagedllm.model.loader.errors import ModelLoadError
@@ -91,8 +92,62 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        few_decodes = meta.decode_only and hidden.shape[0] <= MAX_ROWS
+        if self.fused_decode and few_decodes and cpu_decode.supports(hidden, kv_cache):
+            return self._fused_decode(hidden, cos_sin, kv_cache, meta)
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    fused_decode = False  # set by load_weights where `can_fuse_decode` holds
+
+    def can_fuse_decode(self) -> bool:
+        """Whether decode steps can run as five C calls: each projection one quantized
+        part without bias, float32 norms, and the fused attention kernel built."""
+        projections = (
+            self.self_attn.qkv_proj,
+            self.self_attn.o_proj,
+            self.mlp.gate_up_proj,
+            self.mlp.down_proj,
+        )
+        return (
+            all(
+                len(p.quantized_parts) == 1
+                and isinstance(p.quantized_parts[0], QuantizedWeight)
+                and p.bias is None
+                for p in projections
+            )
+            and self.input_layernorm.weight.dtype == torch.float32
+            and self.post_attention_layernorm.weight.dtype == torch.float32
+            and cpu_decode.paged_decode_rope_kernel() is not None
+        )
+
+    def _fused_decode(
+        self,
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The layer for a few decode rows, updating `hidden` in place: norm + QKV, rotary +
+        KV write + attention, O + residual, norm + gate/up, SiLU·mul + down + residual.
+        At batch 1 the ~20 torch calls these replace cost more than their arithmetic."""
+        attn, mlp = self.self_attn, self.mlp
+        norm_1, norm_2 = self.input_layernorm, self.post_attention_layernorm
+        tokens, exact = hidden.shape[0], attn.qkv_proj.exact
+        qkv = torch.empty(tokens, attn.qkv_proj.out_features)
+        attn.qkv_proj.quantized_parts[0].fused_matmul(  # type: ignore[union-attr]
+            hidden, qkv, exact, RMS_NORM, (norm_1.weight, norm_1.eps)
+        )
+        out = cpu_decode.paged_decode_rope(qkv, cos_sin, kv_cache, meta, attn.num_heads, attn.scale)
+        attn.o_proj.quantized_parts[0].fused_matmul(out, hidden, exact, accumulate=True)  # type: ignore[union-attr]
+        gate_up = torch.empty(tokens, mlp.gate_up_proj.out_features)
+        mlp.gate_up_proj.quantized_parts[0].fused_matmul(  # type: ignore[union-attr]
+            hidden, gate_up, exact, RMS_NORM, (norm_2.weight, norm_2.eps)
+        )
+        mlp.down_proj.quantized_parts[0].fused_matmul(  # type: ignore[union-attr]
+            gate_up, hidden, exact, SILU_MUL, accumulate=True
+        )
+        return hidden
 
 
 class LlamaForCausalLM(nn.Module):
@@ -206,6 +261,8 @@ class LlamaForCausalLM(nn.Module):
             layer.input_layernorm.weight = dense(src + "input_layernorm.weight")
             layer.post_attention_layernorm.weight = dense(src + "post_attention_layernorm.weight")
         self.rotary = self._build_rotary(tensors.get("rope_freqs"), path).to(device)  # type: ignore[arg-type]
+        for layer in self.layers:
+            layer.fused_decode = dtype == torch.float32 and layer.can_fuse_decode()
 
     def _build_rotary(self, rope_freqs: torch.Tensor | None, path: str | Path) -> RotaryEmbedding:
         c = self.config

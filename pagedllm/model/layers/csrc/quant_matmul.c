@@ -32,8 +32,8 @@
 #define USE_AVX2 1
 #include <immintrin.h>
 #endif
-#if defined(USE_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define USE_VNNI 1
+#if defined(USE_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define USE_VNNI 1 /* and 512-bit vectors: two blocks per instruction */
 #endif
 
 #define MAX_ROWS 16 /* rows of x per call of the small-batch products */
@@ -336,6 +336,31 @@ static inline __attribute__((always_inline)) void row_int(int type, const uint8_
             u[k] = is_signed(type) ? _mm256_sign_epi8(v[k], v[k]) : v[k];
             sv[k] = type == Q6_K ? half_scales(scale[k]) : _mm256_set1_ps(scale[k][0]);
         }
+#if defined(USE_VNNI)
+        if (pair) { /* both blocks in one 512-bit vector: lanes 0-7 block b, 8-15 block b+1 */
+            const __m512i u2 = _mm512_inserti64x4(_mm512_castsi256_si512(u[0]), u[1], 1);
+            const __mmask64 negative = is_signed(type)
+                ? _mm512_movepi8_mask(_mm512_inserti64x4(_mm512_castsi256_si512(v[0]), v[1], 1))
+                : 0;
+            const __m512 sv2 = _mm512_castpd_ps(_mm512_insertf64x4(
+                _mm512_castpd256_pd512(_mm256_castps_pd(sv[0])), _mm256_castps_pd(sv[1]), 1));
+            const __m512i which = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            for (int r = 0; r < M; r++) {
+                const size_t i = (size_t)r * nb + b;
+                __m512i x = _mm512_loadu_si512(xq->q + (size_t)r * K + 32 * b);
+                if (is_signed(type)) x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+                const __m512 d2 = _mm512_permutexvar_ps(
+                    which, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(xq->d + i)))));
+                const __m512 sum = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u2, x)),
+                    _mm512_mul_ps(sv2, d2));
+                acc[r] = _mm256_add_ps(acc[r], _mm256_add_ps(_mm512_castps512_ps256(sum),
+                                                             _mm512_extractf32x8_ps(sum, 1)));
+                min_acc[r] += min[0][0] * xq->sums[i] + min[1][0] * xq->sums[i + 1];
+            }
+            continue;
+        }
+#endif
         for (int r = 0; r < M; r++) {
             const size_t i = (size_t)r * nb + b;
             const int8_t *xp = xq->q + (size_t)r * K + 32 * b;
@@ -460,20 +485,54 @@ static int valid_shape(int type, long row_bytes, int K) {
     return row_bytes == (long)(K / (32 * per_unit)) * bytes;
 }
 
-/* y[M, N] (row stride ldy) = x[M, K] @ w[N, K]^T for w in the file's blocks of `type`.
+/* What is done to x before the product: a decode step's small elementwise ops, fused here
+   because on a few rows each torch call costs more than its arithmetic. */
+enum { PLAIN = 0, RMS_NORM = 1, SILU_MUL = 2 };
+
+/* out[M, K] = op(x): x as is, RMSNorm(x) * weight (float32 statistics, as transformers), or
+   silu(gate) * up where a row of x is [gate (K) | up (K)]. Rows of x are ldx apart. */
+static void prepare_x(const float *x, long ldx, int M, int K, int op, const float *weight,
+                      float eps, float *out) {
+    for (int r = 0; r < M; r++) {
+        const float *xr = x + (size_t)r * ldx;
+        float *o = out + (size_t)r * K;
+        if (op == RMS_NORM) {
+            float squares = 0.f;
+            for (int j = 0; j < K; j++) squares += xr[j] * xr[j];
+            const float inv = 1.f / sqrtf(squares / (float)K + eps);
+            for (int j = 0; j < K; j++) o[j] = weight[j] * (xr[j] * inv);
+        } else if (op == SILU_MUL) {
+            for (int j = 0; j < K; j++) o[j] = xr[j] / (1.f + expf(-xr[j])) * xr[K + j];
+        } else {
+            memcpy(o, xr, sizeof(float) * K);
+        }
+    }
+}
+
+/* y[M, N] (row stride ldy) = op(x)[M, K] @ w[N, K]^T for w in the file's blocks of `type`,
+   or y += that (`accumulate`: a residual add). x's rows are ldx apart; `op` is PLAIN,
+   RMS_NORM (with `norm_weight`, `eps`) or SILU_MUL (x rows hold 2K values).
    Return 0; -1 when scratch memory could not be allocated; -2 for a type this file does
-   not know, a row size that does not match K, or M outside 1..MAX_ROWS (y untouched). */
-int quant_matmul(int type, const uint8_t *w, long row_bytes, int N, int K, const float *x, int M,
-                 float *y, long ldy, int exact, int num_threads) {
+   not know, a row size that does not match K, M outside 1..MAX_ROWS or an unknown op
+   (y untouched). */
+int quant_matmul(int type, const uint8_t *w, long row_bytes, int N, int K, const float *x,
+                 long ldx, int M, float *y, long ldy, int exact, int op, const float *norm_weight,
+                 float eps, int accumulate, int num_threads) {
     if (!valid_shape(type, row_bytes, K) || M < 1 || M > MAX_ROWS || N < 0) return -2;
+    if (op < PLAIN || op > SILU_MUL || (op == RMS_NORM && !norm_weight)) return -2;
     const int nb = K / 32;
     quantized_x xq = {0};
-    float *xsums = NULL;
+    float *xsums = NULL, *xp = malloc(sizeof(float) * (size_t)M * K);
+    if (!xp) return -1;
+    prepare_x(x, ldx, M, K, op, norm_weight, eps, xp);
     if (exact) {
         xsums = malloc(sizeof(float) * 2 * (size_t)M * nb);
-        if (!xsums) return -1;
+        if (!xsums) {
+            free(xp);
+            return -1;
+        }
         for (size_t i = 0; i < 2 * (size_t)M * nb; i++) {
-            const float *xh = x + 16 * i; /* halves of 16 are contiguous in a row of x */
+            const float *xh = xp + 16 * i; /* halves of 16 are contiguous in a row of xp */
             float s = 0.f;
             for (int j = 0; j < 16; j++) s += xh[j];
             xsums[i] = s;
@@ -483,10 +542,10 @@ int quant_matmul(int type, const uint8_t *w, long row_bytes, int N, int K, const
         xq.d = malloc(sizeof(float) * (size_t)M * nb);
         xq.sums = malloc(sizeof(float) * (size_t)M * nb);
         if (!xq.q || !xq.d || !xq.sums) {
-            free(xq.q), free(xq.d), free(xq.sums);
+            free(xq.q), free(xq.d), free(xq.sums), free(xp);
             return -1;
         }
-        quantize_x(x, M, K, &xq);
+        quantize_x(xp, M, K, &xq);
     }
 #pragma omp parallel num_threads(num_threads)
     {
@@ -497,16 +556,19 @@ int quant_matmul(int type, const uint8_t *w, long row_bytes, int N, int K, const
             const uint8_t *row = w + (size_t)n * row_bytes;
             prefetch_ahead(row, row_bytes);
             if (exact) {
-#define EXACT(T) row_exact(T, row, nb, x, xsums, M, K, out)
+#define EXACT(T) row_exact(T, row, nb, xp, xsums, M, K, out)
                 FOR_EACH_TYPE(EXACT)
             } else {
 #define INT(T) row_int(T, row, nb, &xq, M, K, out)
                 FOR_EACH_TYPE(INT)
             }
-            for (int r = 0; r < M; r++) y[(size_t)r * ldy + n] = out[r];
+            for (int r = 0; r < M; r++) {
+                float *yr = y + (size_t)r * ldy + n;
+                *yr = accumulate ? *yr + out[r] : out[r];
+            }
         }
     }
-    free(xsums), free(xq.q), free(xq.d), free(xq.sums);
+    free(xsums), free(xq.q), free(xq.d), free(xq.sums), free(xp);
     return 0;
 }
 
@@ -515,6 +577,17 @@ static inline uint16_t float_to_bf16(float f) {
     memcpy(&bits, &f, 4);
     return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16); /* round to nearest even */
 }
+
+#if defined(USE_AVX2)
+/* Sixteen floats as bfloat16, rounded to nearest even (as float_to_bf16), in order. */
+static inline __m256i bf16_pack(__m256 a, __m256 b) {
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+    __m256i x = _mm256_castps_si256(a), y = _mm256_castps_si256(b);
+    x = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(x, 16), one))), 16);
+    y = _mm256_srli_epi32(_mm256_add_epi32(y, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(y, 16), one))), 16);
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(x, y), 0xD8);
+}
+#endif
 
 /* One row's values as float32, or as bfloat16 rounded to nearest even. */
 static inline __attribute__((always_inline)) void dequantize_row(int type, const uint8_t *row,
@@ -526,11 +599,19 @@ static inline __attribute__((always_inline)) void dequantize_row(int type, const
         const __m256i v = unpack(type, row, b);
         const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
         const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-        for (int i = 0; i < 4; i++) {
-            const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i]));
-            _mm256_storeu_ps(values + 8 * i, _mm256_fmadd_ps(_mm256_set1_ps(scale[i / 2]), w,
-                                                             _mm256_set1_ps(min[i / 2])));
+        __m256 w[4];
+        for (int i = 0; i < 4; i++)
+            w[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale[i / 2]),
+                                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])),
+                                   _mm256_set1_ps(min[i / 2]));
+        if (bf16) {
+            __m256i *o = (__m256i *)((uint16_t *)out + 32 * b);
+            _mm256_storeu_si256(o, bf16_pack(w[0], w[1]));
+            _mm256_storeu_si256(o + 1, bf16_pack(w[2], w[3]));
+        } else {
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps((float *)out + 32 * b + 8 * i, w[i]);
         }
+        continue;
 #else
         int8_t v[32];
         unpack_scalar(type, row, b, v);
