@@ -2,9 +2,9 @@
  *
  * The torch path gathers every decode sequence's blocks into a padded copy and runs SDPA
  * on it: at 64 sequences of a few hundred tokens that copy (and the padded reads) cost
- * more than the layer's matmuls. Here each sequence (one work item) walks its own block
- * table: pass 1 scores all its query heads against each key row (every KV head of a token
- * is one contiguous row), a softmax in float32 (max subtracted), pass 2 sums the values.
+ * more than the layer's matmuls. Here each (sequence, KV head) pair, one work item, walks
+ * the sequence's block table: pass 1 scores the query heads sharing that KV head against
+ * each key, a softmax in float32 (max subtracted), pass 2 sums the values.
  * Each key and value is read once, straight from its block.
  *
  * query [B, Hkv * G, D], key/value cache [num_blocks, block_size, Hkv, D],
@@ -33,7 +33,86 @@ static inline const float *token_row(const float *cache, const int64_t *table, i
            (size_t)(t & (block_size - 1)) * token_stride;
 }
 
-/* Return 0, or -1 when a score buffer could not be allocated. */
+#if defined(__AVX2__) && defined(__FMA__)
+/* e^x for x <= 0 (scores minus their max), eight at a time: x = n ln2 + r with |r| <= ln2/2,
+   e^r by its degree-6 Taylor polynomial (relative error < 2e-7), times 2^n. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f)); /* e^-87 is already below float's normals */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x); /* ln2, high part */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);      /* ln2, low part */
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+#endif
+
+/* row[t] = e^(row[t] - max) / sum over t: the softmax of one head's scores, in place. */
+static void softmax(float *row, int64_t len) {
+    float max_score = -INFINITY, sum = 0.f;
+    for (int64_t t = 0; t < len; t++) max_score = row[t] > max_score ? row[t] : max_score;
+    int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 sums = _mm256_setzero_ps();
+    for (; t + 8 <= len; t += 8) {
+        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + t), _mm256_set1_ps(max_score)));
+        _mm256_storeu_ps(row + t, e);
+        sums = _mm256_add_ps(sums, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, sums);
+    for (int i = 0; i < 8; i++) sum += lanes[i];
+#endif
+    for (; t < len; t++) {
+        row[t] = expf(row[t] - max_score);
+        sum += row[t];
+    }
+    const float inv = 1.f / sum;
+    for (t = 0; t < len; t++) row[t] *= inv;
+}
+
+/* One work item: the `group` query heads that share KV head h of one sequence. Pass 1
+   scores them against each of the sequence's keys, a softmax, pass 2 sums the values. */
+static void attend_one_kv_head(const float *q, const float *key_cache, const float *value_cache,
+                               const int64_t *table, int64_t len, int block_size, int h, int group,
+                               int head_dim, size_t block_stride, size_t token_stride, float scale,
+                               float *scores /* [group, len] */, float *o /* [group, D] */) {
+    for (int64_t t = 0; t < len; t++) {
+        const float *k = token_row(key_cache, table, t, block_size, block_stride, token_stride) +
+                         (size_t)h * head_dim;
+        for (int g = 0; g < group; g++) {
+            const float *qg = q + (size_t)g * head_dim;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int d = 0; d < head_dim; d++) s += qg[d] * k[d];
+            scores[(size_t)g * len + t] = s * scale;
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        softmax(scores + (size_t)g * len, len);
+        memset(o + (size_t)g * head_dim, 0, sizeof(float) * head_dim);
+    }
+    for (int64_t t = 0; t < len; t++) {
+        const float *v = token_row(value_cache, table, t, block_size, block_stride, token_stride) +
+                         (size_t)h * head_dim;
+        for (int g = 0; g < group; g++) {
+            const float p = scores[(size_t)g * len + t];
+            float *og = o + (size_t)g * head_dim;
+#pragma omp simd
+            for (int d = 0; d < head_dim; d++) og[d] += p * v[d];
+        }
+    }
+}
+
+/* Return 0, or -1 when a score buffer could not be allocated. Work items are (sequence,
+   KV head) pairs, so even one sequence keeps every thread busy. */
 int paged_decode_attention(const float *query, const float *key_cache, const float *value_cache,
                            const int64_t *block_tables, const int64_t *seq_lens, int num_seqs,
                            int max_blocks, int block_size, int num_kv_heads, int group,
@@ -43,62 +122,25 @@ int paged_decode_attention(const float *query, const float *key_cache, const flo
     const size_t block_stride = (size_t)block_size * token_stride;
     int64_t longest = 0;
     for (int b = 0; b < num_seqs; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+    const int items = num_seqs * num_kv_heads;
     int failed = 0;
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(items < num_threads ? (items > 0 ? items : 1) : num_threads)
     {
         flush_denormals();
-        /* scores[head][t]; one sequence per work item, all its heads together, so each
-           token's keys (all KV heads, one contiguous row) are read in one sweep */
-        float *scores = malloc(sizeof(float) * (size_t)num_heads * (longest > 0 ? longest : 1));
+        float *scores = malloc(sizeof(float) * (size_t)group * (longest > 0 ? longest : 1));
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int b = 0; b < num_seqs; b++) {
+        for (int item = 0; item < items; item++) {
             if (!scores) continue;
-            const int64_t len = seq_lens[b];
-            const int64_t *table = block_tables + (size_t)b * max_blocks;
-            const float *q = query + (size_t)b * num_heads * head_dim;
-            float *o = out + (size_t)b * num_heads * head_dim;
-            /* pass 1: scores[i][t] = scale * q_i . k_t(head of i) */
-            for (int64_t t = 0; t < len; t++) {
-                const float *k = token_row(key_cache, table, t, block_size, block_stride,
-                                           token_stride);
-                for (int i = 0; i < num_heads; i++) {
-                    const float *qi = q + (size_t)i * head_dim;
-                    const float *kh = k + (size_t)(i / group) * head_dim;
-                    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                    for (int d = 0; d < head_dim; d++) s += qi[d] * kh[d];
-                    scores[(size_t)i * len + t] = s * scale;
-                }
-            }
-            /* softmax over each head's scores (max subtracted), normalised in place */
-            for (int i = 0; i < num_heads; i++) {
-                float *row = scores + (size_t)i * len;
-                float max_score = -INFINITY, sum = 0.f;
-                for (int64_t t = 0; t < len; t++) max_score = row[t] > max_score ? row[t] : max_score;
-                for (int64_t t = 0; t < len; t++) {
-                    row[t] = expf(row[t] - max_score);
-                    sum += row[t];
-                }
-                const float inv = 1.f / sum;
-                for (int64_t t = 0; t < len; t++) row[t] *= inv;
-                for (int d = 0; d < head_dim; d++) o[(size_t)i * head_dim + d] = 0.f;
-            }
-            /* pass 2: out_i = sum_t p_i,t v_t(head of i) */
-            for (int64_t t = 0; t < len; t++) {
-                const float *v = token_row(value_cache, table, t, block_size, block_stride,
-                                           token_stride);
-                for (int i = 0; i < num_heads; i++) {
-                    const float p = scores[(size_t)i * len + t];
-                    const float *vh = v + (size_t)(i / group) * head_dim;
-                    float *oi = o + (size_t)i * head_dim;
-#pragma omp simd
-                    for (int d = 0; d < head_dim; d++) oi[d] += p * vh[d];
-                }
-            }
+            const int b = item / num_kv_heads, h = item % num_kv_heads;
+            const size_t first = ((size_t)b * num_heads + (size_t)h * group) * head_dim;
+            attend_one_kv_head(query + first, key_cache, value_cache,
+                               block_tables + (size_t)b * max_blocks, seq_lens[b], block_size, h,
+                               group, head_dim, block_stride, token_stride, scale, scores,
+                               out + first);
         }
         free(scores);
     }
