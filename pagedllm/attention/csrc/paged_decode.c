@@ -78,6 +78,17 @@ static void softmax(float *row, int64_t len) {
     for (t = 0; t < len; t++) row[t] *= inv;
 }
 
+/* Keys and values are read one head's slice per token, a stride apart: ask for the slice
+   AHEAD tokens on while this one is used (the hardware prefetchers miss the pattern). */
+#define AHEAD 8
+static inline void prefetch_head(const float *p, int head_dim) {
+#if defined(__SSE__)
+    for (int d = 0; d < head_dim; d += 16) _mm_prefetch((const char *)(p + d), _MM_HINT_T0);
+#else
+    (void)p, (void)head_dim;
+#endif
+}
+
 /* One work item: the `group` query heads that share KV head h of one sequence. Pass 1
    scores them against each of the sequence's keys, a softmax, pass 2 sums the values. */
 static void attend_one_kv_head(const float *q, const float *key_cache, const float *value_cache,
@@ -85,6 +96,9 @@ static void attend_one_kv_head(const float *q, const float *key_cache, const flo
                                int head_dim, size_t block_stride, size_t token_stride, float scale,
                                float *scores /* [group, len] */, float *o /* [group, D] */) {
     for (int64_t t = 0; t < len; t++) {
+        if (t + AHEAD < len)
+            prefetch_head(token_row(key_cache, table, t + AHEAD, block_size, block_stride,
+                                    token_stride) + (size_t)h * head_dim, head_dim);
         const float *k = token_row(key_cache, table, t, block_size, block_stride, token_stride) +
                          (size_t)h * head_dim;
         for (int g = 0; g < group; g++) {
@@ -100,6 +114,9 @@ static void attend_one_kv_head(const float *q, const float *key_cache, const flo
         memset(o + (size_t)g * head_dim, 0, sizeof(float) * head_dim);
     }
     for (int64_t t = 0; t < len; t++) {
+        if (t + AHEAD < len)
+            prefetch_head(token_row(value_cache, table, t + AHEAD, block_size, block_stride,
+                                    token_stride) + (size_t)h * head_dim, head_dim);
         const float *v = token_row(value_cache, table, t, block_size, block_stride, token_stride) +
                          (size_t)h * head_dim;
         for (int g = 0; g < group; g++) {

@@ -31,7 +31,7 @@ MAX_ROWS = 16  # the most rows of x one call of the block kernel takes (MAX_ROWS
 # Batches of at most this many rows use the block kernel; larger ones dequantized tiles.
 # Measured crossover (SmolLM2-135M layers, BENCHMARKS.md): see `bench_kernels.py`.
 SMALL_BATCH = 16
-TILE_BYTES = 1 << 20  # one dequantized tile: stays in the L2 cache while torch multiplies it
+TILE_BYTES = 4 << 20  # one dequantized tile (4 MiB measured best of 1, 4 and whole matrices)
 
 _INT, _LONG, _PTR = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
 # quant_matmul(type, w, row_bytes, N, K, x, ldx, M, y, ldy, exact, op, norm_weight, eps,
@@ -44,10 +44,15 @@ PLAIN, RMS_NORM, SILU_MUL = 0, 1, 2
 DEQUANT_ARGS = (_INT, _PTR, _LONG, _INT, _PTR, _INT, _PTR, _INT, _INT)
 
 
+# prepare_rows(x, ldx, M, K, op, norm_weight, eps, out, num_threads)
+PREPARE_ARGS = (_PTR, _LONG, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT)
+
+
 @dataclass(frozen=True)
 class Kernels:
     matmul: Callable[..., int]
     dequantize: Callable[..., int]
+    prepare: Callable[..., int]
     level: str
 
 
@@ -58,9 +63,10 @@ def kernels(level: str | None = None) -> Kernels | None:
     level = level or cpu_kernels.best_level()
     matmul = cpu_kernels.kernel(SOURCE, "quant_matmul", MATMUL_ARGS, level)
     dequant = cpu_kernels.kernel(SOURCE, "dequantize_rows", DEQUANT_ARGS, level)
-    if matmul is None or dequant is None:
+    prepare = cpu_kernels.kernel(SOURCE, "prepare_rows", PREPARE_ARGS, level)
+    if matmul is None or dequant is None or prepare is None:
         return None
-    return Kernels(matmul, dequant, level)
+    return Kernels(matmul, dequant, prepare, level)
 
 
 def fast_tile_dtype() -> torch.dtype:
@@ -174,10 +180,26 @@ class QuantizedWeight:
         norm: tuple[torch.Tensor, float] | None = None,
         accumulate: bool = False,
     ) -> torch.Tensor:
-        """out (=, or += with `accumulate`) op(x) @ w^T for at most MAX_ROWS float32 rows,
-        op being PLAIN, RMS_NORM (`norm` = its weight and eps) or SILU_MUL (x rows hold
-        [gate | up]): a decode step's norm, activation and residual add in the one call."""
-        self._block_matmul(x, out, exact, op, norm, accumulate)
+        """out (=, or += with `accumulate`) op(x) @ w^T for float32 x, op being PLAIN,
+        RMS_NORM (`norm` = its weight and eps) or SILU_MUL (x rows hold [gate | up]): a
+        decode step's norm, activation and residual add with the product. Up to MAX_ROWS
+        rows it is one C call; larger batches prepare op(x) in C, then multiply in tiles."""
+        rows = x.shape[0]
+        if rows <= MAX_ROWS:
+            self._block_matmul(x, out, exact, op, norm, accumulate)
+            return out
+        prepared = torch.empty(rows, self.cols, dtype=torch.float32)
+        status = self._kernels().prepare(
+            x.data_ptr(), x.stride(0), rows, self.cols, op,
+            None if norm is None else norm[0].data_ptr(), 0.0 if norm is None else norm[1],
+            prepared.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"preparing {tuple(x.shape)} for a matmul failed ({status})")
+        if accumulate:
+            out += self.matmul(prepared, exact=exact)
+        else:
+            self.matmul(prepared, out, exact=exact)
         return out
 
     def _block_matmul(

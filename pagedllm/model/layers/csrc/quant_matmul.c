@@ -492,7 +492,8 @@ enum { PLAIN = 0, RMS_NORM = 1, SILU_MUL = 2 };
 /* out[M, K] = op(x): x as is, RMSNorm(x) * weight (float32 statistics, as transformers), or
    silu(gate) * up where a row of x is [gate (K) | up (K)]. Rows of x are ldx apart. */
 static void prepare_x(const float *x, long ldx, int M, int K, int op, const float *weight,
-                      float eps, float *out) {
+                      float eps, float *out, int num_threads) {
+#pragma omp parallel for num_threads(M > 8 ? num_threads : 1) schedule(static)
     for (int r = 0; r < M; r++) {
         const float *xr = x + (size_t)r * ldx;
         float *o = out + (size_t)r * K;
@@ -524,7 +525,7 @@ int quant_matmul(int type, const uint8_t *w, long row_bytes, int N, int K, const
     quantized_x xq = {0};
     float *xsums = NULL, *xp = malloc(sizeof(float) * (size_t)M * K);
     if (!xp) return -1;
-    prepare_x(x, ldx, M, K, op, norm_weight, eps, xp);
+    prepare_x(x, ldx, M, K, op, norm_weight, eps, xp, 1);
     if (exact) {
         xsums = malloc(sizeof(float) * 2 * (size_t)M * nb);
         if (!xsums) {
@@ -569,6 +570,17 @@ int quant_matmul(int type, const uint8_t *w, long row_bytes, int N, int K, const
         }
     }
     free(xsums), free(xq.q), free(xq.d), free(xq.sums), free(xp);
+    return 0;
+}
+
+/* out[M, K] = op(x) for batches too large for quant_matmul (their product is computed
+   elsewhere): the same norm or activation, so both paths see the same inputs. Return 0,
+   or -2 for an unknown op. */
+int prepare_rows(const float *x, long ldx, int M, int K, int op, const float *norm_weight,
+                 float eps, float *out, int num_threads) {
+    if (op < PLAIN || op > SILU_MUL || (op == RMS_NORM && !norm_weight) || M < 0 || K < 0)
+        return -2;
+    prepare_x(x, ldx, M, K, op, norm_weight, eps, out, num_threads);
     return 0;
 }
 
