@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import quants as gguf_quants
 
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 100, 2
 
@@ -37,11 +38,13 @@ def write_tiny_gguf(
     raw_type: tuple[str, GGMLQuantizationType] | None = None,
     with_vocab: bool = False,
     extra: dict[str, str] | None = None,
+    quantize: GGMLQuantizationType | None = None,
 ) -> Path:
     """A 2-layer Llama GGUF; optionally without one tensor, with one of the wrong shape,
     or with one stored as raw bytes of another GGML type. `with_vocab` adds tokenizer
     metadata (string, integer and float arrays and a chat template) for header fuzzing;
-    `extra` replaces (or adds) metadata keys with string values, for wrongly typed ones."""
+    `extra` replaces (or adds) metadata keys with string values, for wrongly typed ones;
+    `quantize` stores every matrix in that type (gguf's own quantizer)."""
     extra = extra or {}
     writer = GGUFWriter(str(path), arch=arch)
     for key, value in {
@@ -74,6 +77,10 @@ def write_tiny_gguf(
             byte_shape = (value.shape[0], value.shape[1] // block * type_size)
             raw = np.zeros(byte_shape, np.uint8)
             writer.add_tensor(name, raw, raw_shape=byte_shape, raw_dtype=raw_type[1])
+            continue
+        if quantize is not None and value.ndim == 2:
+            raw = gguf_quants.quantize(value, quantize)
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=quantize)
             continue
         writer.add_tensor(name, value)
     writer.write_header_to_file()
