@@ -133,6 +133,8 @@ def build(compiler: str, source: Path, target: Path, flags: tuple[str, ...]) -> 
 def library_path(source: Path, level: str, compiler: str) -> Path:
     """Where the build of `source` at `level` lives in the cache, keyed by all it depends on."""
     key = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):  # what the source may include
+        key.update(header.read_bytes())
     for part in (compiler, compiler_version(compiler), *level_flags(level), *sorted(cpu_flags())):
         key.update(b"\0" + part.encode())
     return cache_dir() / f"{source.stem}-{level}-{key.hexdigest()[:16]}.so"

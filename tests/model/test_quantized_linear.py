@@ -58,7 +58,7 @@ def int8_activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_dequantize_and_row_lookup_equal_gguf(level, qtype):
     raw, reference = quantized(qtype, 21, width(qtype))
-    weight = QuantizedWeight(qtype, raw, width(qtype), level)
+    weight = QuantizedWeight.from_gguf(raw, qtype, level)
     assert weight.shape == tuple(reference.shape)
     assert torch.equal(weight.dequantize(), reference)
     assert torch.equal(weight.dequantize(5, 9), reference[5:9])
@@ -73,7 +73,7 @@ def test_dequantize_and_row_lookup_equal_gguf(level, qtype):
 def test_matmul_matches_dequantized_float32(level, qtype, rows):
     cols = width(qtype)
     raw, reference = quantized(qtype, 45, cols, seed=rows)
-    weight = QuantizedWeight(qtype, raw, cols, level)
+    weight = QuantizedWeight.from_gguf(raw, qtype, level)
     x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
     expected = x.double() @ reference.double().t()
 
@@ -95,18 +95,25 @@ def test_every_level_computes_the_same_integer_sums(qtype):
     cols = width(qtype)
     raw, _ = quantized(qtype, 33, cols, seed=3)
     x = torch.randn(5, cols)
-    results = [QuantizedWeight(qtype, raw, cols, level).matmul(x) for level in LEVELS]
+    results = [QuantizedWeight.from_gguf(raw, qtype, level).matmul(x) for level in LEVELS]
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_refuses_shapes_it_cannot_take():
+def test_rows_that_do_not_hold_whole_blocks_are_refused():
     raw, _ = quantized(T.Q8_0, 4, 64)
-    weight = QuantizedWeight(T.Q8_0, raw, 96)  # row bytes say 64 columns
-    with pytest.raises(RuntimeError, match="failed"):
-        weight.matmul(torch.randn(1, 96))
+    with pytest.raises(ValueError, match="do not hold"):
+        QuantizedWeight.from_gguf(raw[:, :-1], T.Q8_0)
     with pytest.raises(IndexError):
-        QuantizedWeight(T.Q8_0, raw, 64).rows(torch.tensor([4]))
+        QuantizedWeight.from_gguf(raw, T.Q8_0).rows(torch.tensor([4]))
+
+
+def test_repacked_weight_costs_at_most_a_quarter_more_than_the_4_bit_file():
+    """The repack keeps 4-bit values in 4 bits: Q4_1 (20 bytes a block in the file) takes
+    16 bytes of nibbles and two float32 per block, 24 bytes."""
+    raw, _ = quantized(T.Q4_1, 8, 256)
+    assert QuantizedWeight.from_gguf(raw, T.Q4_1).nbytes == 8 * 8 * 24
+    assert raw.nbytes == 8 * 8 * 20
 
 
 def test_fused_layer_keeps_parts_of_different_types_and_writes_each_in_place():
@@ -135,7 +142,7 @@ def test_embedding_reads_rows_from_blocks():
 
 
 @pytest.mark.slow
-def test_default_model_keeps_only_the_files_blocks(default_model_path):
+def test_default_model_keeps_only_its_quantized_values(default_model_path):
     from pagedllm.model.loader import load_model
 
     model = load_model(default_model_path, torch.float32)
@@ -148,4 +155,5 @@ def test_default_model_keeps_only_the_files_blocks(default_model_path):
     block_bytes = sum(
         p.nbytes for m in linears for p in m.quantized_parts if m is not model.lm_head
     )
-    assert block_bytes + model.embed_tokens.quantized.nbytes < default_model_path.stat().st_size
+    weights = block_bytes + model.embed_tokens.quantized.nbytes
+    assert weights < 1.25 * default_model_path.stat().st_size  # float32 scales, not fp16

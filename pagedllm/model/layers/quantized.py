@@ -1,7 +1,9 @@
-"""Weights kept as a GGUF file's quantized blocks: the only copy of a quantized tensor.
+"""Quantized weights kept as the GGUF file's values, repacked once at load: the only copy.
 
-`QuantizedWeight` wraps the file's bytes ([rows, bytes per row], memory-mapped when the
-file allows) and computes from them through `csrc/quant_matmul.c`:
+`QuantizedWeight` holds a quantized matrix as `csrc/quant_matmul.c` repacks it from the
+file's blocks (the integers apart from their float32 scales and mins, so the hot loops
+read every type alike; gguf's dequantization is reproduced bit for bit) and computes
+from it:
   - small batches (decode): int8 dot products per block, as llama.cpp does (or, `exact`,
     float32 products that match a float32 matmul over gguf's dequantization);
   - larger batches (prefill, many sequences): a tile of rows at a time is dequantized
@@ -34,14 +36,23 @@ SMALL_BATCH = 16
 TILE_BYTES = 4 << 20  # one dequantized tile (4 MiB measured best of 1, 4 and whole matrices)
 
 _INT, _LONG, _PTR = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-# quant_matmul(type, w, row_bytes, N, K, x, ldx, M, y, ldy, exact, op, norm_weight, eps,
-#              accumulate, num_threads)
-MATMUL_ARGS = (_INT, _PTR, _LONG, _INT, _INT, _PTR, _LONG, _INT, _PTR, _LONG, _INT, _INT, _PTR)
-MATMUL_ARGS += (ctypes.c_float, _INT, _INT)
+# quant_matmul(format, qs, scales, mins, N, K, x, ldx, M, y, ldy, exact, op, norm_weight,
+#              eps, accumulate, num_threads)
+MATMUL_ARGS = (_INT, _PTR, _PTR, _PTR, _INT, _INT, _PTR, _LONG, _INT, _PTR, _LONG, _INT, _INT)
+MATMUL_ARGS += (_PTR, ctypes.c_float, _INT, _INT)
 # What the kernel does to x first (the C enum) and whether it adds y to the output.
 PLAIN, RMS_NORM, SILU_MUL = 0, 1, 2
-# dequantize_rows(type, w, row_bytes, K, ids, n, out, bf16, num_threads)
-DEQUANT_ARGS = (_INT, _PTR, _LONG, _INT, _PTR, _INT, _PTR, _INT, _INT)
+# dequantize_rows(format, qs, scales, mins, K, ids, n, out, bf16, num_threads)
+DEQUANT_ARGS = (_INT, _PTR, _PTR, _PTR, _INT, _PTR, _INT, _PTR, _INT, _INT)
+# repack_rows(type, src, row_bytes, N, K, qs, scales, mins, num_threads)
+REPACK_ARGS = (_INT, _PTR, _LONG, _INT, _INT, _PTR, _PTR, _PTR, _INT)
+# The layouts of the repack (the C enum), their bytes of integers and scales per block.
+U4, U8, I8, I8_HALVES = 0, 1, 2, 3
+FORMATS = {T.Q4_0: U4, T.Q4_1: U4, T.Q4_K: U4, T.Q5_0: U8, T.Q5_1: U8, T.Q5_K: U8}
+FORMATS |= {T.Q8_0: I8, T.Q6_K: I8_HALVES}
+QUANT_BYTES = {U4: 16, U8: 32, I8: 32, I8_HALVES: 32}
+SCALES_PER_BLOCK = {U4: 1, U8: 1, I8: 1, I8_HALVES: 2}
+WITHOUT_MIN = frozenset({T.Q8_0, T.Q6_K})
 
 
 # prepare_rows(x, ldx, M, K, op, norm_weight, eps, out, num_threads)
@@ -53,6 +64,7 @@ class Kernels:
     matmul: Callable[..., int]
     dequantize: Callable[..., int]
     prepare: Callable[..., int]
+    repack: Callable[..., int]
     level: str
 
 
@@ -64,9 +76,10 @@ def kernels(level: str | None = None) -> Kernels | None:
     matmul = cpu_kernels.kernel(SOURCE, "quant_matmul", MATMUL_ARGS, level)
     dequant = cpu_kernels.kernel(SOURCE, "dequantize_rows", DEQUANT_ARGS, level)
     prepare = cpu_kernels.kernel(SOURCE, "prepare_rows", PREPARE_ARGS, level)
-    if matmul is None or dequant is None or prepare is None:
+    repack = cpu_kernels.kernel(SOURCE, "repack_rows", REPACK_ARGS, level)
+    if matmul is None or dequant is None or prepare is None or repack is None:
         return None
-    return Kernels(matmul, dequant, prepare, level)
+    return Kernels(matmul, dequant, prepare, repack, level)
 
 
 def fast_tile_dtype() -> torch.dtype:
@@ -81,26 +94,50 @@ def _ptr(t: torch.Tensor | np.ndarray) -> ctypes.c_void_p:
 
 @dataclass
 class QuantizedWeight:
-    """A [rows, cols] weight as the file's blocks of `qtype`, one row of bytes per row."""
+    """A [rows, cols] weight of GGML type `qtype`, repacked: per row, blocks of 32 integers
+    (`qs`), a float32 scale per block (two for Q6_K) and a float32 min per block (none
+    for Q8_0 and Q6_K), with w = scale * v + min."""
 
     qtype: GGMLQuantizationType
-    data: np.ndarray  # uint8 [rows, bytes per row], read-only when memory-mapped
+    qs: torch.Tensor  # uint8 [rows, blocks * quant bytes]
+    scales: torch.Tensor  # float32 [rows, blocks * scales per block]
+    mins: torch.Tensor | None  # float32 [rows, blocks]
     cols: int
     level: str | None = None  # kernel level; None: the best the CPU runs
 
     @classmethod
-    def from_gguf(cls, raw: np.ndarray, qtype: GGMLQuantizationType) -> QuantizedWeight:
+    def from_gguf(
+        cls, raw: np.ndarray, qtype: GGMLQuantizationType, level: str | None = None
+    ) -> QuantizedWeight:
         """From a GGUF tensor's bytes as gguf's reader gives them: uint8 [rows, bytes per row]."""
         block, block_bytes = GGML_QUANT_SIZES[qtype]
-        return cls(qtype, raw, raw.shape[1] // block_bytes * block)
+        rows, cols = raw.shape[0], raw.shape[1] // block_bytes * block
+        fmt, blocks = FORMATS[qtype], cols // 32
+        qs = torch.empty(rows, blocks * QUANT_BYTES[fmt], dtype=torch.uint8)
+        scales = torch.empty(rows, blocks * SCALES_PER_BLOCK[fmt], dtype=torch.float32)
+        mins = None if qtype in WITHOUT_MIN else torch.empty(rows, blocks, dtype=torch.float32)
+        weight = cls(qtype, qs, scales, mins, cols, level)
+        raw = np.ascontiguousarray(raw)
+        status = weight._kernels().repack(
+            int(qtype), _ptr(raw), raw.shape[1], rows, cols, _ptr(qs), _ptr(scales),
+            None if mins is None else _ptr(mins), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"{qtype.name} rows of {raw.shape[1]} bytes do not hold {cols} values")
+        return weight
+
+    @property
+    def format(self) -> int:
+        return FORMATS[self.qtype]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.data.shape[0], self.cols
+        return self.qs.shape[0], self.cols
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes
+        arrays = (self.qs, self.scales, self.mins)
+        return sum(a.numel() * a.element_size() for a in arrays if a is not None)
 
     def _kernels(self) -> Kernels:
         found = kernels(self.level)
@@ -109,20 +146,27 @@ class QuantizedWeight:
         return found
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:
-        """The same weight with its rows rearranged by `fn` (acting on dim 0 of the bytes)."""
-        rows = fn(torch.from_numpy(np.array(self.data)))
-        return QuantizedWeight(self.qtype, rows.contiguous().numpy(), self.cols, self.level)
+        """The same weight with its rows rearranged by `fn` (acting on dim 0)."""
+        mins = None if self.mins is None else fn(self.mins).contiguous()
+        qs, scales = fn(self.qs).contiguous(), fn(self.scales).contiguous()
+        return QuantizedWeight(self.qtype, qs, scales, mins, self.cols, self.level)
 
     @staticmethod
     def cat(parts: Sequence[QuantizedWeight]) -> QuantizedWeight | None:
         """Rows of several weights stacked (fused QKV, gate/up), or None when they differ in
-        type or width (a Q4_K_M file may store V in Q6_K beside Q/K in Q4_K)."""
+        layout or width (a Q4_K_M file may store V in Q6_K beside Q/K in Q4_K)."""
         first = parts[0]
-        if any(p.qtype != first.qtype or p.cols != first.cols for p in parts):
-            return None
-        return QuantizedWeight(
-            first.qtype, np.concatenate([p.data for p in parts]), first.cols, first.level
+        same = all(
+            p.format == first.format
+            and p.cols == first.cols
+            and (p.mins is None) == (first.mins is None)
+            for p in parts
         )
+        if not same:
+            return None
+        mins = None if first.mins is None else torch.cat([p.mins for p in parts])  # type: ignore[misc]
+        qs, scales = torch.cat([p.qs for p in parts]), torch.cat([p.scales for p in parts])
+        return QuantizedWeight(first.qtype, qs, scales, mins, first.cols, first.level)
 
     def dequantize(
         self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
@@ -130,7 +174,7 @@ class QuantizedWeight:
         """Rows [start, stop) as `dtype` (float32 equals gguf's dequantization exactly)."""
         stop = self.shape[0] if stop is None else stop
         out = torch.empty(stop - start, self.cols, dtype=dtype)
-        self._dequantize(self.data[start:stop], None, out)
+        self._dequantize(start, None, out)
         return out
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -139,22 +183,17 @@ class QuantizedWeight:
         if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < self.shape[0]):
             raise IndexError(f"row ids out of range [0, {self.shape[0]})")
         out = torch.empty(*ids.shape, self.cols, dtype=torch.float32)
-        self._dequantize(self.data, ids, out)
+        self._dequantize(0, ids, out)
         return out
 
-    def _dequantize(self, data: np.ndarray, ids: torch.Tensor | None, out: torch.Tensor) -> None:
-        n = out.numel() // self.cols
+    def _dequantize(self, start: int, ids: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Rows start, start + 1, ... (or ids) into out."""
+        mins = None if self.mins is None else self.mins[start:].data_ptr()
         status = self._kernels().dequantize(
-            int(self.qtype),
-            _ptr(data),
-            data.shape[1],
-            self.cols,
-            None if ids is None else _ptr(ids),
-            n,
-            _ptr(out),
-            int(out.dtype == torch.bfloat16),
-            torch.get_num_threads(),
-        )
+            self.format, self.qs[start:].data_ptr(), self.scales[start:].data_ptr(), mins,
+            self.cols, None if ids is None else ids.data_ptr(), out.numel() // self.cols,
+            out.data_ptr(), out.dtype == torch.bfloat16, torch.get_num_threads(),
+        )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"dequantizing {self.qtype.name} rows failed ({status})")
 
@@ -163,7 +202,7 @@ class QuantizedWeight:
         wider float32 tensor (fused layers write their parts in place)."""
         x = x.contiguous()
         if out is None:
-            out = torch.empty(x.shape[0], self.data.shape[0], dtype=torch.float32)
+            out = torch.empty(x.shape[0], self.shape[0], dtype=torch.float32)
         if x.shape[0] <= SMALL_BATCH:
             for start in range(0, x.shape[0], MAX_ROWS):
                 self._block_matmul(x[start : start + MAX_ROWS], out[start:], exact)
@@ -232,19 +271,24 @@ class QuantizedWeight:
             )
 
     @functools.cached_property
-    def _matmul_args(self) -> tuple[int, int, int, int, int]:
-        """The kernel's leading arguments: type, weight address, row bytes, rows, cols."""
-        data = self.data
-        return int(self.qtype), data.ctypes.data, data.shape[1], data.shape[0], self.cols
+    def _matmul_args(self) -> tuple[int, int, int, int | None, int, int]:
+        """The kernel's leading arguments: layout, the three arrays, rows, cols."""
+        mins = None if self.mins is None else self.mins.data_ptr()
+        qs, scales = self.qs.data_ptr(), self.scales.data_ptr()
+        return self.format, qs, scales, mins, self.shape[0], self.cols
 
     def _tiled_matmul(self, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> None:
         rows = self.shape[0]
         tile = max(16, TILE_BYTES // (self.cols * dtype.itemsize))
         xt = x.to(dtype)
+        if dtype != torch.float32:
+            # oneDNN compiles (and caches) a kernel per shape: rows padded to a multiple of
+            # 16 keep the shapes few as the batch changes step by step
+            xt = torch.nn.functional.pad(xt, (0, 0, 0, -xt.shape[0] % 16))
         for start in range(0, rows, tile):
             stop = min(rows, start + tile)
             w = self.dequantize(start, stop, dtype)
             if dtype == torch.float32:
                 torch.mm(xt, w.t(), out=out[:, start:stop])
             else:
-                out[:, start:stop] = torch.mm(xt, w.t())
+                out[:, start:stop] = torch.mm(xt, w.t())[: x.shape[0]]
