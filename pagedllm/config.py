@@ -172,6 +172,6 @@ ENGINE_ARG_HELP = {
     "max_waiting": "most requests waiting; more are refused (default: unbounded)",
     "seed": "seed of the engine's shared random stream",
     "exact_matmul": "multiply quantized GGUF weights in float32 from their exact values "
-    "(matches transformers; default: int8 activations per block of 32, as llama.cpp does)",
+    "(matches transformers; default: int8 activations, a scale per 16 values, as llama.cpp)",
     "threads": "CPU threads for kernels and torch (default: every core this process may use)",
 }

@@ -3,7 +3,7 @@
 Every type × every kernel level this CPU runs (portable C included) × batch sizes on both
 sides of the small-batch threshold: the exact mode must equal a float32 matmul over the
 dequantized weights up to summation order; the integer mode must stay inside the error
-that int8 activations (round to nearest, d = max|x| / 127 per block of 32) can cause.
+that int8 activations (round to nearest, d = max|x| / 127 per 16 values) can cause.
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ def width(qtype: GGMLQuantizationType) -> int:
 
 
 def int8_activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The most int8 activations can move x @ w^T: each x is off by at most its block's
-    max|x| / 254, times |w| summed over the block (plus float32 rounding)."""
-    xb = x.double().reshape(x.shape[0], -1, 32)
-    step = xb.abs().amax(-1) / 254  # [M, blocks]
-    wabs = w.double().abs().reshape(w.shape[0], -1, 32).sum(-1)  # [N, blocks]
+    """The most int8 activations can move x @ w^T: each x is off by at most max|x| / 254
+    over its 16 values (the kernel's scale), times |w| summed over them (plus float32
+    rounding)."""
+    xh = x.double().reshape(x.shape[0], -1, 16)
+    step = xh.abs().amax(-1) / 254  # [M, halves]
+    wabs = w.double().abs().reshape(w.shape[0], -1, 16).sum(-1)  # [N, halves]
     return step @ wabs.t() + 1e-5
 
 
