@@ -92,12 +92,12 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        if self.fused_decode and meta.decode_only and cpu_decode.supports(hidden, kv_cache):
-            return self._fused_decode(hidden, cos_sin, kv_cache, meta)
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
-    fused_decode = False  # set by load_weights where `can_fuse_decode` holds
+    # What `fused_decode` needs, gathered once at load (None where `can_fuse_decode` fails):
+    # a decode step looks up no submodule, which nn.Module makes slow.
+    decode_parts: tuple | None = None
 
     def can_fuse_decode(self) -> bool:
         """Whether decode steps can run as five C calls: each projection one quantized
@@ -120,33 +120,41 @@ class LlamaDecoderLayer(nn.Module):
             and cpu_decode.paged_decode_rope_kernel() is not None
         )
 
-    def _fused_decode(
+    def gather_decode_parts(self) -> None:
+        attn, mlp = self.self_attn, self.mlp
+        norm_1, norm_2 = self.input_layernorm, self.post_attention_layernorm
+        self.decode_parts = (
+            attn.qkv_proj.quantized_parts[0],
+            attn.o_proj.quantized_parts[0],
+            mlp.gate_up_proj.quantized_parts[0],
+            mlp.down_proj.quantized_parts[0],
+            (norm_1.weight, norm_1.eps),
+            (norm_2.weight, norm_2.eps),
+            attn.num_heads,
+            attn.scale,
+        )
+
+    def fused_decode(
         self,
         hidden: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        exact: bool,
     ) -> torch.Tensor:
         """The layer for a decode-only step, updating `hidden` in place: norm + QKV, rotary +
         KV write + attention, O + residual, norm + gate/up, SiLU·mul + down + residual.
         At batch 1 the ~20 torch calls these replace cost more than their arithmetic; at
         64 rows torch's elementwise ops on 2 threads cost as much again as in C."""
-        attn, mlp = self.self_attn, self.mlp
-        norm_1, norm_2 = self.input_layernorm, self.post_attention_layernorm
-        tokens, exact = hidden.shape[0], attn.qkv_proj.exact
-        qkv = torch.empty(tokens, attn.qkv_proj.out_features)
-        attn.qkv_proj.quantized_parts[0].fused_matmul(  # type: ignore[union-attr]
-            hidden, qkv, exact, RMS_NORM, (norm_1.weight, norm_1.eps)
-        )
-        out = cpu_decode.paged_decode_rope(qkv, cos_sin, kv_cache, meta, attn.num_heads, attn.scale)
-        attn.o_proj.quantized_parts[0].fused_matmul(out, hidden, exact, accumulate=True)  # type: ignore[union-attr]
-        gate_up = torch.empty(tokens, mlp.gate_up_proj.out_features)
-        mlp.gate_up_proj.quantized_parts[0].fused_matmul(  # type: ignore[union-attr]
-            hidden, gate_up, exact, RMS_NORM, (norm_2.weight, norm_2.eps)
-        )
-        mlp.down_proj.quantized_parts[0].fused_matmul(  # type: ignore[union-attr]
-            gate_up, hidden, exact, SILU_MUL, accumulate=True
-        )
+        qkv_w, o_w, gate_up_w, down_w, norm_1, norm_2, heads, scale = self.decode_parts  # type: ignore[misc]
+        tokens = hidden.shape[0]
+        qkv = torch.empty(tokens, qkv_w.shape[0])
+        qkv_w.fused_matmul(hidden, qkv, exact, RMS_NORM, norm_1)
+        out = cpu_decode.paged_decode_rope(qkv, cos_sin, kv_cache, meta, heads, scale)
+        o_w.fused_matmul(out, hidden, exact, accumulate=True)
+        gate_up = torch.empty(tokens, gate_up_w.shape[0])
+        gate_up_w.fused_matmul(hidden, gate_up, exact, RMS_NORM, norm_2)
+        down_w.fused_matmul(gate_up, hidden, exact, SILU_MUL, accumulate=True)
         return hidden
 
 
@@ -173,9 +181,17 @@ class LlamaForCausalLM(nn.Module):
         assert self.rotary is not None, "load_weights() first"
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos_sin, kv_cache, meta)
+        layers = self.layers
+        if self.fused_decode and meta.decode_only and cpu_decode.supports(hidden, kv_caches[0]):
+            exact = self.lm_head.exact
+            for layer, kv_cache in zip(layers, kv_caches, strict=True):
+                hidden = layer.fused_decode(hidden, cos_sin, kv_cache, meta, exact)
+        else:
+            for layer, kv_cache in zip(layers, kv_caches, strict=True):
+                hidden = layer(hidden, cos_sin, kv_cache, meta)
         return self.norm(hidden)
+
+    fused_decode = False  # every layer can run decode steps as C calls (set at load)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the rows that sample (the caller selects them first)."""
@@ -261,8 +277,11 @@ class LlamaForCausalLM(nn.Module):
             layer.input_layernorm.weight = dense(src + "input_layernorm.weight")
             layer.post_attention_layernorm.weight = dense(src + "post_attention_layernorm.weight")
         self.rotary = self._build_rotary(tensors.get("rope_freqs"), path).to(device)  # type: ignore[arg-type]
-        for layer in self.layers:
-            layer.fused_decode = dtype == torch.float32 and layer.can_fuse_decode()
+        self.fused_decode = dtype == torch.float32 and all(
+            layer.can_fuse_decode() for layer in self.layers
+        )
+        for layer in self.layers if self.fused_decode else ():
+            layer.gather_decode_parts()
 
     def _build_rotary(self, rope_freqs: torch.Tensor | None, path: str | Path) -> RotaryEmbedding:
         c = self.config
