@@ -47,9 +47,7 @@ def main() -> None:
     print(f"{len(parts)} matrices, {total_bytes / 2**20:.0f} MiB, {macs / 1e6:.0f} M weights")
     print(f"{'level':12s} {'rows':>5s} {'mode':6s} {'ms':>8s} {'GB/s':>7s} {'GMAC/s':>8s}")
     for level in cpu_kernels.supported_levels():
-        weights = [
-            QuantizedWeight(p.qtype, p.qs, p.scales, p.mins, p.cols, level) for p in parts
-        ]
+        weights = [QuantizedWeight(p.qtype, p.qs, p.scales, p.mins, p.cols, level) for p in parts]
         for rows in args.rows:
             for exact in (False, True) if rows == 1 else (False,):
                 seconds = one_pass(weights, rows, exact, args.repeats)

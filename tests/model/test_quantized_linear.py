@@ -109,12 +109,16 @@ def test_rows_that_do_not_hold_whole_blocks_are_refused():
         QuantizedWeight.from_gguf(raw, T.Q8_0).rows(torch.tensor([4]))
 
 
-def test_repacked_weight_costs_at_most_a_quarter_more_than_the_4_bit_file():
-    """The repack keeps 4-bit values in 4 bits: Q4_1 (20 bytes a block in the file) takes
-    16 bytes of nibbles and two float32 per block, 24 bytes."""
+def test_repacked_legacy_types_take_the_files_bytes_and_k_quants_float32_scales():
+    """Q4_1 keeps its float16 scale and min (exact): 16 bytes of nibbles + 4, as the file.
+    A Q4_K scale is a float16 times a 6-bit integer, not a float16: float32, 24 bytes a
+    block of 32 against the file's 18."""
     raw, _ = quantized(T.Q4_1, 8, 256)
-    assert QuantizedWeight.from_gguf(raw, T.Q4_1).nbytes == 8 * 8 * 24
-    assert raw.nbytes == 8 * 8 * 20
+    weight = QuantizedWeight.from_gguf(raw, T.Q4_1)
+    assert weight.half and weight.nbytes == raw.nbytes == 8 * 8 * 20
+    raw_k, _ = quantized(T.Q4_K, 8, 256)
+    weight_k = QuantizedWeight.from_gguf(raw_k, T.Q4_K)
+    assert not weight_k.half and weight_k.nbytes == 8 * 8 * 24 and raw_k.nbytes == 8 * 8 * 18
 
 
 def test_fused_layer_keeps_parts_of_different_types_and_writes_each_in_place():
@@ -157,4 +161,4 @@ def test_default_model_keeps_only_its_quantized_values(default_model_path):
         p.nbytes for m in linears for p in m.quantized_parts if m is not model.lm_head
     )
     weights = block_bytes + model.embed_tokens.quantized.nbytes
-    assert weights < 1.25 * default_model_path.stat().st_size  # float32 scales, not fp16
+    assert weights < default_model_path.stat().st_size  # Q4_1 and Q8_0 keep their bytes

@@ -36,14 +36,14 @@ SMALL_BATCH = 16
 TILE_BYTES = 4 << 20  # one dequantized tile (4 MiB measured best of 1, 4 and whole matrices)
 
 _INT, _LONG, _PTR = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-# quant_matmul(format, qs, scales, mins, N, K, x, ldx, M, y, ldy, exact, op, norm_weight,
-#              eps, accumulate, num_threads)
-MATMUL_ARGS = (_INT, _PTR, _PTR, _PTR, _INT, _INT, _PTR, _LONG, _INT, _PTR, _LONG, _INT, _INT)
+# quant_matmul(format, half, qs, scales, mins, N, K, x, ldx, M, y, ldy, exact, op,
+#              norm_weight, eps, accumulate, num_threads)
+MATMUL_ARGS = (_INT, _INT, _PTR, _PTR, _PTR, _INT, _INT, _PTR, _LONG, _INT, _PTR, _LONG, _INT, _INT)
 MATMUL_ARGS += (_PTR, ctypes.c_float, _INT, _INT)
 # What the kernel does to x first (the C enum) and whether it adds y to the output.
 PLAIN, RMS_NORM, SILU_MUL = 0, 1, 2
-# dequantize_rows(format, qs, scales, mins, K, ids, n, out, bf16, num_threads)
-DEQUANT_ARGS = (_INT, _PTR, _PTR, _PTR, _INT, _PTR, _INT, _PTR, _INT, _INT)
+# dequantize_rows(format, half, qs, scales, mins, K, ids, n, out, bf16, num_threads)
+DEQUANT_ARGS = (_INT, _INT, _PTR, _PTR, _PTR, _INT, _PTR, _INT, _PTR, _INT, _INT)
 # repack_rows(type, src, row_bytes, N, K, qs, scales, mins, num_threads)
 REPACK_ARGS = (_INT, _PTR, _LONG, _INT, _INT, _PTR, _PTR, _PTR, _INT)
 # The layouts of the repack (the C enum), their bytes of integers and scales per block.
@@ -95,13 +95,13 @@ def _ptr(t: torch.Tensor | np.ndarray) -> ctypes.c_void_p:
 @dataclass
 class QuantizedWeight:
     """A [rows, cols] weight of GGML type `qtype`, repacked: per row, blocks of 32 integers
-    (`qs`), a float32 scale per block (two for Q6_K) and a float32 min per block (none
-    for Q8_0 and Q6_K), with w = scale * v + min."""
+    (`qs`), a scale per block (two for Q6_K) and a min per block (none for Q8_0 and Q6_K),
+    with w = scale * v + min; scales and mins are float16 where that is exact, else float32."""
 
     qtype: GGMLQuantizationType
     qs: torch.Tensor  # uint8 [rows, blocks * quant bytes]
-    scales: torch.Tensor  # float32 [rows, blocks * scales per block]
-    mins: torch.Tensor | None  # float32 [rows, blocks]
+    scales: torch.Tensor  # float32 or float16 [rows, blocks * scales per block]
+    mins: torch.Tensor | None  # float32 or float16 [rows, blocks]
     cols: int
     level: str | None = None  # kernel level; None: the best the CPU runs
 
@@ -124,11 +124,24 @@ class QuantizedWeight:
         )  # fmt: skip
         if status != 0:
             raise ValueError(f"{qtype.name} rows of {raw.shape[1]} bytes do not hold {cols} values")
-        return weight
+        return weight.in_half_where_exact()
+
+    def in_half_where_exact(self) -> QuantizedWeight:
+        """This weight with float16 scales and mins when every one is exactly a float16
+        (the legacy types store them so; K-quants multiply two): fewer bytes per token."""
+        arrays = [a for a in (self.scales, self.mins) if a is not None]
+        if not all(torch.equal(a.half().float(), a) for a in arrays):
+            return self
+        mins = None if self.mins is None else self.mins.half()
+        return QuantizedWeight(self.qtype, self.qs, self.scales.half(), mins, self.cols, self.level)
 
     @property
     def format(self) -> int:
         return FORMATS[self.qtype]
+
+    @property
+    def half(self) -> bool:
+        return self.scales.dtype == torch.float16
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -159,6 +172,7 @@ class QuantizedWeight:
         same = all(
             p.format == first.format
             and p.cols == first.cols
+            and p.half == first.half
             and (p.mins is None) == (first.mins is None)
             for p in parts
         )
@@ -190,7 +204,7 @@ class QuantizedWeight:
         """Rows start, start + 1, ... (or ids) into out."""
         mins = None if self.mins is None else self.mins[start:].data_ptr()
         status = self._kernels().dequantize(
-            self.format, self.qs[start:].data_ptr(), self.scales[start:].data_ptr(), mins,
+            self.format, self.half, self.qs[start:].data_ptr(), self.scales[start:].data_ptr(), mins,
             self.cols, None if ids is None else ids.data_ptr(), out.numel() // self.cols,
             out.data_ptr(), out.dtype == torch.bfloat16, torch.get_num_threads(),
         )  # fmt: skip
@@ -271,11 +285,11 @@ class QuantizedWeight:
             )
 
     @functools.cached_property
-    def _matmul_args(self) -> tuple[int, int, int, int | None, int, int]:
-        """The kernel's leading arguments: layout, the three arrays, rows, cols."""
+    def _matmul_args(self) -> tuple[int, bool, int, int, int | None, int, int]:
+        """The kernel's leading arguments: layout, scale width, the three arrays, rows, cols."""
         mins = None if self.mins is None else self.mins.data_ptr()
         qs, scales = self.qs.data_ptr(), self.scales.data_ptr()
-        return self.format, qs, scales, mins, self.shape[0], self.cols
+        return self.format, self.half, qs, scales, mins, self.shape[0], self.cols
 
     def _tiled_matmul(self, x: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> None:
         rows = self.shape[0]

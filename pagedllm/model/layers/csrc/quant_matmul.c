@@ -101,13 +101,20 @@ int repack_rows(int type, const uint8_t *src, long row_bytes, int N, int K, uint
     return 0;
 }
 
-/* The repacked weight, as the kernels take it. */
+/* The repacked weight, as the kernels take it. Scales and mins are float32, or float16
+   (`half`) where every one of a tensor's values is exactly a float16 (the legacy types,
+   whose file stores them so): 20 bytes a Q4_1 block instead of 24, read every token. */
 typedef struct {
-    int format;
+    int format, half;
     const uint8_t *qs;
-    const float *scales, *mins;
+    const void *scales, *mins;
     int nb; /* blocks per row */
 } weight;
+
+static AI float scalar_at(const void *p, size_t i, int half) {
+    if (half) return half_to_float((const uint8_t *)p + 2 * i);
+    return ((const float *)p)[i];
+}
 
 /* The 32 integers of block b of row n, in plain C. */
 static AI void values_scalar(const weight *w, size_t n, int b, int8_t v[32]) {
@@ -124,11 +131,15 @@ static AI void values_scalar(const weight *w, size_t n, int b, int8_t v[32]) {
 
 static AI float block_scale(const weight *w, size_t n, int b, int h) {
     const int spb = scales_per_block(w->format);
-    return w->scales[(n * w->nb + b) * spb + (spb == 2 ? h : 0)];
+    return scalar_at(w->scales, (n * w->nb + b) * spb + (spb == 2 ? h : 0), w->half);
+}
+
+static AI const void *min_row(const weight *w, size_t n) {
+    return (const char *)w->mins + (n * w->nb << (2 - w->half));
 }
 
 static AI float block_min(const weight *w, size_t n, int b) {
-    return w->mins ? w->mins[n * w->nb + b] : 0.f;
+    return w->mins ? scalar_at(w->mins, n * w->nb + b, w->half) : 0.f;
 }
 
 #if defined(USE_AVX2)
@@ -167,21 +178,25 @@ static AI float hsum8(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* sum over i < n of a[i] * b[i] (the min terms of a row). */
-static AI float dot_floats(const float *a, const float *b, int n) {
+/* sum over i < n of a[i] * b[i] (the min terms of a row); a is float16 with `half`. */
+static AI float dot_floats(const void *a, const float *b, int n, int half) {
     __m256 acc = _mm256_setzero_ps();
     int i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 ai = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a + i)))
+                               : _mm256_loadu_ps((const float *)a + i);
+        acc = _mm256_fmadd_ps(ai, _mm256_loadu_ps(b + i), acc);
+    }
     float s = hsum8(acc);
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s += scalar_at(a, i, half) * b[i];
     return s;
 }
 
 static inline void flush_denormals(void) { _mm_setcsr(_mm_getcsr() | 0x8040); }
 #else
-static AI float dot_floats(const float *a, const float *b, int n) {
+static AI float dot_floats(const void *a, const float *b, int n, int half) {
     float s = 0.f;
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    for (int i = 0; i < n; i++) s += scalar_at(a, i, half) * b[i];
     return s;
 }
 
@@ -203,15 +218,20 @@ static AI __m512i values_pair(const weight *w, size_t n, int b) {
     return _mm512_loadu_si512(q);
 }
 
-/* Two consecutive floats p[0], p[1] spread over lanes 0-7 and 8-15 (four floats over four
-   lanes each with `quarters`). */
-static AI __m512 spread(const float *p, int quarters) {
-    if (quarters) {
-        const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-        return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(p)));
-    }
-    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)p))));
+/* Two consecutive values p[0], p[1] (float32, or float16 with `half`) spread over lanes
+   0-7 and 8-15 (four values over four lanes each with `quarters`). */
+static AI __m512 spread(const void *p, int quarters, int half) {
+    __m128 v;
+    if (half)
+        v = _mm_cvtph_ps(quarters ? _mm_loadl_epi64((const __m128i *)p)
+                                  : _mm_cvtsi32_si128(*(const int *)p));
+    else
+        v = quarters ? _mm_loadu_ps((const float *)p)
+                     : _mm_castpd_ps(_mm_load_sd((const double *)p));
+    const __m512i idx = quarters
+        ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+        : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
 }
 #endif
 
@@ -253,7 +273,7 @@ static void quantize_x(const float *x, int M, int K, quantized_x *out) {
 static AI void row_int(const weight *w, size_t n, const quantized_x *xq, int M, int K, float *out) {
     const int nb = w->nb, sgn = is_signed(w->format);
     for (int r = 0; r < M; r++)
-        out[r] = w->mins ? dot_floats(w->mins + n * nb, xq->sums + (size_t)r * nb, nb) : 0.f;
+        out[r] = w->mins ? dot_floats(min_row(w, n), xq->sums + (size_t)r * nb, nb, w->half) : 0.f;
 #if defined(USE_AVX2)
     int b = 0;
 #if defined(USE_VNNI)
@@ -264,12 +284,13 @@ static AI void row_int(const weight *w, size_t n, const quantized_x *xq, int M, 
         const __m512i v = values_pair(w, n, b);
         const __m512i u = sgn ? _mm512_abs_epi8(v) : v;
         const __mmask64 negative = sgn ? _mm512_movepi8_mask(v) : 0;
-        const __m512 sv = spread(w->scales + (n * nb + b) * spb, spb == 2);
+        const __m512 sv = spread((const char *)w->scales + ((n * nb + b) * spb << (2 - w->half)),
+                                 spb == 2, w->half);
         for (int r = 0; r < M; r++) {
             __m512i x = _mm512_loadu_si512(xq->q + (size_t)r * K + 32 * b);
             if (sgn) x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
             const __m512 sum = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x));
-            const __m512 dx = spread(xq->d + 2 * ((size_t)r * nb + b), 1);
+            const __m512 dx = spread(xq->d + 2 * ((size_t)r * nb + b), 1, 0);
             acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(sv, dx), acc[r]);
         }
     }
@@ -312,7 +333,7 @@ static AI void row_exact(const weight *w, size_t n, const float *x, const float 
                          int K, float *out) {
     const int nb = w->nb;
     for (int r = 0; r < M; r++)
-        out[r] = w->mins ? dot_floats(w->mins + n * nb, xsums + (size_t)r * nb, nb) : 0.f;
+        out[r] = w->mins ? dot_floats(min_row(w, n), xsums + (size_t)r * nb, nb, w->half) : 0.f;
 #if defined(USE_AVX2)
     __m256 acc[MAX_ROWS];
     for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
@@ -359,22 +380,26 @@ static AI void prefetch_row(const weight *w, size_t n) {
     const size_t qbytes = (size_t)w->nb * quant_bytes(w->format);
     const char *q = (const char *)(w->qs + n * qbytes);
     for (size_t off = 0; off < qbytes; off += 64) _mm_prefetch(q + off, _MM_HINT_T0);
-    const size_t sbytes = (size_t)w->nb * scales_per_block(w->format) * sizeof(float);
-    const char *s = (const char *)(w->scales + n * w->nb * scales_per_block(w->format));
+    const size_t sbytes = (size_t)w->nb * scales_per_block(w->format) << (2 - w->half);
+    const char *s = (const char *)w->scales + n * sbytes;
     for (size_t off = 0; off < sbytes; off += 64) _mm_prefetch(s + off, _MM_HINT_T0);
-    if (w->mins) _mm_prefetch((const char *)(w->mins + n * w->nb), _MM_HINT_T0);
+    if (w->mins) _mm_prefetch((const char *)min_row(w, n), _MM_HINT_T0);
 #else
     (void)w, (void)n;
 #endif
 }
 
-/* One specialised copy of a loop per layout: `format` is a constant in each case. */
+/* One specialised copy of a loop per layout and scale width: constants in each case. */
 #define FOR_EACH_FORMAT(CALL)                                                                  \
-    switch (format) {                                                                          \
-    case U4: CALL(U4); break;                                                                  \
-    case U8: CALL(U8); break;                                                                  \
-    case I8: CALL(I8); break;                                                                  \
-    case I8_HALVES: CALL(I8_HALVES); break;                                                    \
+    switch (format * 2 + half) {                                                               \
+    case 2 * U4: CALL(U4, 0); break;                                                           \
+    case 2 * U4 + 1: CALL(U4, 1); break;                                                       \
+    case 2 * U8: CALL(U8, 0); break;                                                           \
+    case 2 * U8 + 1: CALL(U8, 1); break;                                                       \
+    case 2 * I8: CALL(I8, 0); break;                                                           \
+    case 2 * I8 + 1: CALL(I8, 1); break;                                                       \
+    case 2 * I8_HALVES: CALL(I8_HALVES, 0); break;                                             \
+    case 2 * I8_HALVES + 1: CALL(I8_HALVES, 1); break;                                         \
     }
 
 /* What is done to x before the product: a decode step's small elementwise ops, fused here
@@ -405,17 +430,17 @@ static void prepare_x(const float *x, long ldx, int M, int K, int op, const floa
 static int valid(int format, int K) { return format >= U4 && format <= I8_HALVES && K > 0 && K % 32 == 0; }
 
 /* y[M, N] (row stride ldy) = op(x)[M, K] @ w[N, K]^T for w repacked by repack_rows (format,
-   qs, scales, mins), or y += that (`accumulate`: a residual add). x's rows are ldx apart;
+   qs, scales, mins; the last two float16 with `half`), or y += that (`accumulate`: a residual add). x's rows are ldx apart;
    `op` is PLAIN, RMS_NORM (with `norm_weight`, `eps`) or SILU_MUL (x rows hold 2K values).
    Return 0; -1 when scratch memory could not be allocated; -2 for an unknown format, K not
    a multiple of 32, M outside 1..MAX_ROWS or an unknown op (y untouched). */
-int quant_matmul(int format, const uint8_t *qs, const float *scales, const float *mins, int N,
+int quant_matmul(int format, int half, const uint8_t *qs, const void *scales, const void *mins, int N,
                  int K, const float *x, long ldx, int M, float *y, long ldy, int exact, int op,
                  const float *norm_weight, float eps, int accumulate, int num_threads) {
     if (!valid(format, K) || M < 1 || M > MAX_ROWS || N < 0) return -2;
     if (op < PLAIN || op > SILU_MUL || (op == RMS_NORM && !norm_weight)) return -2;
     const int nb = K / 32;
-    const weight w = {format, qs, scales, mins, nb};
+    const weight w = {format, half != 0, qs, scales, mins, nb};
     quantized_x xq = {0};
     float *xsums = NULL, *xp = malloc(sizeof(float) * (size_t)M * K);
     if (!xp) return -1;
@@ -450,10 +475,10 @@ int quant_matmul(int format, const uint8_t *qs, const float *scales, const float
         for (int n = 0; n < N; n++) {
             prefetch_row(&w, (size_t)n + PREFETCH_ROWS);
             if (exact) {
-#define EXACT(F) (wf.format = F, row_exact(&wf, (size_t)n, xp, xsums, M, K, out))
+#define EXACT(F, H) (wf.format = F, wf.half = H, row_exact(&wf, (size_t)n, xp, xsums, M, K, out))
                 FOR_EACH_FORMAT(EXACT)
             } else {
-#define INT(F) (wf.format = F, row_int(&wf, (size_t)n, &xq, M, K, out))
+#define INT(F, H) (wf.format = F, wf.half = H, row_int(&wf, (size_t)n, &xq, M, K, out))
                 FOR_EACH_FORMAT(INT)
             }
             for (int r = 0; r < M; r++) {
@@ -531,17 +556,17 @@ static AI void dequantize_row(const weight *w, size_t n, void *out, int bf16) {
 /* out[i] = row ids[i] of w dequantized (ids NULL: rows 0..n-1), float32 or bfloat16.
    Return 0, or -2 for an unknown format or K not a multiple of 32; every id must be in
    range (the caller checks it). */
-int dequantize_rows(int format, const uint8_t *qs, const float *scales, const float *mins, int K,
+int dequantize_rows(int format, int half, const uint8_t *qs, const void *scales, const void *mins, int K,
                     const int64_t *ids, int n, void *out, int bf16, int num_threads) {
     if (!valid(format, K) || n < 0) return -2;
-    const weight w = {format, qs, scales, mins, K / 32};
+    const weight w = {format, half != 0, qs, scales, mins, K / 32};
     const size_t out_row = (size_t)K * (bf16 ? 2 : 4);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int i = 0; i < n; i++) {
         const size_t row = ids ? (size_t)ids[i] : (size_t)i;
         void *o = (char *)out + i * out_row;
         weight wf = w;
-#define DEQUANT(F) (wf.format = F, dequantize_row(&wf, row, o, bf16))
+#define DEQUANT(F, H) (wf.format = F, wf.half = H, dequantize_row(&wf, row, o, bf16))
         FOR_EACH_FORMAT(DEQUANT)
     }
     return 0;
