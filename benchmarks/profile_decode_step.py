@@ -1,10 +1,10 @@
 """Where a batch-1 decode step's time goes: inside the C kernels, or outside them.
 
 Runs the default model on one 128-token random prompt for `--tokens` greedy steps
-(after a warm-up request), timing every call into the C kernels (weight products,
-the fused attention, row lookups, tile dequantization) with `perf_counter_ns`
-around the ctypes call, and the whole steps from the engine loop. What is left is
-Python, torch dispatch, sampling, scheduling and detokenization.
+(after a warm-up request), timing every call into the C kernels (the decoder layers,
+each one call of five kernels; the LM head's weight product; row lookups) with
+`perf_counter_ns` around the ctypes call, and the whole steps from the engine loop.
+What is left is Python, torch dispatch, sampling, scheduling and detokenization.
 
     python benchmarks/profile_decode_step.py [--tokens 128] [--threads 2]
 """
@@ -16,8 +16,7 @@ import random
 import time
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.attention import cpu_decode
-from pagedllm.model.layers import quantized
+from pagedllm.model.layers import decode_layer, quantized
 
 
 def timed(fn, totals: dict[str, int], name: str):
@@ -46,17 +45,16 @@ def main() -> None:
     kernels = quantized.kernels()
     assert kernels is not None, "the kernels did not build"
     patched = quantized.Kernels(
-        timed(kernels.matmul, totals, "weight products (int8 blocks)"),
-        timed(kernels.dequantize, totals, "dequantize (embedding rows, tiles)"),
-        timed(kernels.prepare, totals, "prepare rows"),
+        timed(kernels.matmul, totals, "weight products outside the layers (LM head)"),
+        timed(kernels.dequantize, totals, "dequantize (embedding rows)"),
+        kernels.prepare,
         kernels.repack,
         kernels.level,
     )
-    quantized.kernels.cache_clear()
-    original_kernels, original_rope = quantized.kernels, cpu_decode.paged_decode_rope_kernel
+    original_kernels, original_layer = quantized.kernels, decode_layer._kernel
+    layer_kernel = timed(original_layer(), totals, "decoder layers (norms, products, attention)")
     quantized.kernels = lambda level=None: patched  # type: ignore[assignment]
-    rope = timed(original_rope(), totals, "attention (rotary + KV write + paged decode)")
-    cpu_decode.paged_decode_rope_kernel = lambda: rope  # type: ignore[assignment]
+    decode_layer._kernel = lambda: layer_kernel  # type: ignore[assignment]
 
     engine = llm.engine
     step, steps = engine.step, []
@@ -73,7 +71,7 @@ def main() -> None:
     try:
         llm.generate(prompt, greedy, use_tqdm=False)
     finally:
-        quantized.kernels, cpu_decode.paged_decode_rope_kernel = original_kernels, original_rope
+        quantized.kernels, decode_layer._kernel = original_kernels, original_layer
     decode = steps[1:]  # the first step is the prefill
     total = sum(decode)
     print(f"decode steps: {len(decode)}, mean {total / len(decode) / 1e6:.2f} ms")

@@ -16,9 +16,10 @@ from torch import nn
 
 from pagedllm.attention import AttentionMetadata, cpu_decode, paged_attention
 from pagedllm.model.config import ModelArchConfig
+from pagedllm.model.layers import decode_layer
 from pagedllm.model.layers.activation import silu_and_mul
 from pagedllm.model.layers.linear import Embedding, Linear, WeightPart
-from pagedllm.model.layers.quantized import RMS_NORM, SILU_MUL, QuantizedWeight
+from pagedllm.model.layers.quantized import MAX_ROWS, RMS_NORM, SILU_MUL, QuantizedWeight
 from pagedllm.model.layers.rms_norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_frequencies
 from pagedllm.model.loader.errors import ModelLoadError
@@ -134,6 +135,18 @@ class LlamaDecoderLayer(nn.Module):
             attn.scale,
         )
 
+    _decode_call: decode_layer.DecodeLayer | None = None
+
+    def decode_call(self, kv_cache: torch.Tensor) -> decode_layer.DecodeLayer:
+        """`fused_decode` as one C call, packed once per KV cache."""
+        call = self._decode_call
+        if call is None or call.kv_cache is not kv_cache:
+            qkv_w, o_w, gate_up_w, down_w, norm_1, norm_2, heads, scale = self.decode_parts  # type: ignore[misc]
+            weights = (qkv_w, o_w, gate_up_w, down_w)
+            call = decode_layer.DecodeLayer(weights, (norm_1, norm_2), heads, scale, kv_cache)
+            self._decode_call = call
+        return call
+
     def fused_decode(
         self,
         hidden: torch.Tensor,
@@ -184,8 +197,13 @@ class LlamaForCausalLM(nn.Module):
         layers = self.layers
         if self.fused_decode and meta.decode_only and cpu_decode.supports(hidden, kv_caches[0]):
             exact = self.lm_head.exact
-            for layer, kv_cache in zip(layers, kv_caches, strict=True):
-                hidden = layer.fused_decode(hidden, cos_sin, kv_cache, meta, exact)
+            if hidden.shape[0] <= MAX_ROWS and decode_layer.available():  # one call a layer
+                step = decode_layer.DecodeStep(cos_sin, meta)
+                for layer, kv_cache in zip(layers, kv_caches, strict=True):
+                    hidden = layer.decode_call(kv_cache)(hidden, step, exact)
+            else:
+                for layer, kv_cache in zip(layers, kv_caches, strict=True):
+                    hidden = layer.fused_decode(hidden, cos_sin, kv_cache, meta, exact)
         else:
             for layer, kv_cache in zip(layers, kv_caches, strict=True):
                 hidden = layer(hidden, cos_sin, kv_cache, meta)

@@ -571,3 +571,76 @@ int dequantize_rows(int format, int half, const uint8_t *qs, const void *scales,
     }
     return 0;
 }
+
+/* ---- one decode layer in one call ------------------------------------------------------ */
+
+/* The attention of a decode-only step (paged_decode_rope in attention/csrc/paged_decode.c,
+   passed in by address so the two rooms stay apart). */
+typedef int (*attention_fn)(const float *qkv, long ld, const float *cos, const float *sin,
+                            const int64_t *slots, float *key_cache, float *value_cache,
+                            const int64_t *block_tables, const int64_t *seq_lens, int num_seqs,
+                            int max_blocks, int block_size, int num_kv_heads, int group,
+                            int head_dim, float scale, float *out, int num_threads);
+
+/* A repacked weight as quant_matmul takes it. */
+typedef struct {
+    int format, half;
+    const uint8_t *qs;
+    const void *scales, *mins;
+    int rows, cols;
+} packed_weight;
+
+/* What stays fixed between a layer's decode steps. */
+typedef struct {
+    packed_weight qkv, o, gate_up, down;
+    const float *norm_1, *norm_2;
+    float eps_1, eps_2;
+    int num_heads, num_kv_heads, head_dim, block_size;
+    float scale;
+    float *key_cache, *value_cache;
+} decode_layer_t;
+
+/* What one step shares across layers: rotary angles and where each sequence's KV lives. */
+typedef struct {
+    const float *cos, *sin;
+    const int64_t *slots, *block_tables, *seq_lens;
+    int max_blocks;
+} decode_step_t;
+
+static int product(const packed_weight *w, const float *x, long ldx, int M, float *y, long ldy,
+                   int exact, int op, const float *norm, float eps, int accumulate, int threads) {
+    return quant_matmul(w->format, w->half, w->qs, w->scales, w->mins, w->rows, w->cols, x, ldx,
+                        M, y, ldy, exact, op, norm, eps, accumulate, threads);
+}
+
+/* hidden [M, H] += the layer (M <= MAX_ROWS decode rows, one per sequence), in place: the
+   five steps of the fused decode as one call from Python, whose per-call cost was a fifth
+   of a batch-1 step. Return 0, or the first failing step's status. */
+int decode_layer(const decode_layer_t *l, const decode_step_t *s, float *hidden, int M, int exact,
+                 attention_fn attention, int num_threads) {
+    if (M < 1 || M > MAX_ROWS) return -2;
+    const int hidden_size = l->o.rows, q_size = l->num_heads * l->head_dim;
+    float *qkv = malloc(sizeof(float) * (size_t)M * l->qkv.rows);
+    float *attn = malloc(sizeof(float) * (size_t)M * q_size);
+    float *gate_up = malloc(sizeof(float) * (size_t)M * l->gate_up.rows);
+    int status = (!qkv || !attn || !gate_up) ? -1 : 0;
+    if (!status)
+        status = product(&l->qkv, hidden, hidden_size, M, qkv, l->qkv.rows, exact, RMS_NORM,
+                         l->norm_1, l->eps_1, 0, num_threads);
+    if (!status)
+        status = attention(qkv, l->qkv.rows, s->cos, s->sin, s->slots, l->key_cache,
+                           l->value_cache, s->block_tables, s->seq_lens, M, s->max_blocks,
+                           l->block_size, l->num_kv_heads, l->num_heads / l->num_kv_heads,
+                           l->head_dim, l->scale, attn, num_threads);
+    if (!status)
+        status = product(&l->o, attn, q_size, M, hidden, hidden_size, exact, PLAIN, NULL, 0.f, 1,
+                         num_threads);
+    if (!status)
+        status = product(&l->gate_up, hidden, hidden_size, M, gate_up, l->gate_up.rows, exact,
+                         RMS_NORM, l->norm_2, l->eps_2, 0, num_threads);
+    if (!status)
+        status = product(&l->down, gate_up, l->gate_up.rows, M, hidden, hidden_size, exact,
+                         SILU_MUL, NULL, 0.f, 1, num_threads);
+    free(qkv), free(attn), free(gate_up);
+    return status;
+}

@@ -1,0 +1,147 @@
+"""One transformer layer of a small decode step as one C call (`decode_layer` in csrc).
+
+At batch 1 a layer's five fused kernels cost ~7 ms of a ~10 ms step, and the Python
+around them (five ctypes calls, two allocations, argument packing) another ~1 ms. Here the
+layer's fixed parts (weights, norms, shapes, its KV cache) are packed once into a C struct,
+a step's shared parts (rotary angles, slots, block tables) once per step, and each layer
+is a single call that runs the five kernels back to back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from pagedllm import cpu_kernels
+from pagedllm.attention import AttentionMetadata, cpu_decode
+from pagedllm.model.layers import quantized
+from pagedllm.model.layers.quantized import QuantizedWeight
+
+_INT, _PTR, _FLOAT = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+
+
+class _PackedWeight(ctypes.Structure):
+    _fields_ = [
+        ("format", _INT),
+        ("half", _INT),
+        ("qs", _PTR),
+        ("scales", _PTR),
+        ("mins", _PTR),
+        ("rows", _INT),
+        ("cols", _INT),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("qkv", _PackedWeight),
+        ("o", _PackedWeight),
+        ("gate_up", _PackedWeight),
+        ("down", _PackedWeight),
+        ("norm_1", _PTR),
+        ("norm_2", _PTR),
+        ("eps_1", _FLOAT),
+        ("eps_2", _FLOAT),
+        ("num_heads", _INT),
+        ("num_kv_heads", _INT),
+        ("head_dim", _INT),
+        ("block_size", _INT),
+        ("scale", _FLOAT),
+        ("key_cache", _PTR),
+        ("value_cache", _PTR),
+    ]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        ("cos", _PTR),
+        ("sin", _PTR),
+        ("slots", _PTR),
+        ("block_tables", _PTR),
+        ("seq_lens", _PTR),
+        ("max_blocks", _INT),
+    ]
+
+
+# decode_layer(layer, step, hidden, M, exact, attention, num_threads)
+ARGTYPES = (_PTR, _PTR, _PTR, _INT, _INT, _PTR, _INT)
+
+
+@functools.cache
+def _kernel():
+    level = quantized.kernels()
+    if level is None:
+        return None
+    return cpu_kernels.kernel(quantized.SOURCE, "decode_layer", ARGTYPES, level.level)
+
+
+def available() -> bool:
+    return _kernel() is not None and cpu_decode.paged_decode_rope_kernel() is not None
+
+
+def _packed(w: QuantizedWeight) -> _PackedWeight:
+    mins = None if w.mins is None else w.mins.data_ptr()
+    rows, cols = w.shape
+    return _PackedWeight(w.format, w.half, w.qs.data_ptr(), w.scales.data_ptr(), mins, rows, cols)
+
+
+class DecodeLayer:
+    """A layer's decode-step struct for one KV cache: weights, norms, shapes, cache."""
+
+    def __init__(
+        self,
+        weights: tuple[QuantizedWeight, QuantizedWeight, QuantizedWeight, QuantizedWeight],
+        norms: tuple[tuple[torch.Tensor, float], tuple[torch.Tensor, float]],
+        num_heads: int,
+        scale: float,
+        kv_cache: torch.Tensor,
+    ) -> None:
+        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        (norm_1, eps_1), (norm_2, eps_2) = norms
+        self.kv_cache = kv_cache  # kept alive while its address is in the struct
+        self.struct = _Layer(
+            *(_packed(w) for w in weights),
+            norm_1.data_ptr(),
+            norm_2.data_ptr(),
+            eps_1,
+            eps_2,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            scale,
+            kv_cache[0].data_ptr(),
+            kv_cache[1].data_ptr(),
+        )
+        self.pointer = ctypes.addressof(self.struct)
+
+    def __call__(self, hidden: torch.Tensor, step: DecodeStep, exact: bool) -> torch.Tensor:
+        """hidden [M, H] (M <= 16, float32, contiguous) updated in place by the layer."""
+        status = _kernel()(
+            self.pointer, step.pointer, hidden.data_ptr(), hidden.shape[0], exact,
+            step.attention, torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"decode layer failed ({status})")
+        return hidden
+
+
+class DecodeStep:
+    """What every layer of one decode step shares: rotary angles, slots, block tables."""
+
+    def __init__(self, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> None:
+        cos, sin = cos_sin
+        tables = meta.decode_block_tables
+        self.keep = (cos, sin, meta)  # alive while their addresses are in the struct
+        self.struct = _Step(
+            cos.data_ptr(),
+            sin.data_ptr(),
+            meta.slot_mapping.data_ptr(),
+            tables.data_ptr(),
+            meta.decode_seq_lens.data_ptr(),
+            tables.shape[1],
+        )
+        self.pointer = ctypes.addressof(self.struct)
+        self.attention = ctypes.cast(cpu_decode.paged_decode_rope_kernel(), _PTR).value
