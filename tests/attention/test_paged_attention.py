@@ -146,3 +146,25 @@ def test_slot_mapping_and_positions_follow_block_tables():
     assert meta.positions.tolist() == [3, 4, 0, 1, 2]
     assert meta.slot_mapping.tolist() == [7 * 4 + 3, 2 * 4 + 0, 16, 17, 18]
     assert meta.query_start_loc.tolist() == [0, 2, 5]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_decode_only_metadata_equals_the_general_build(seed):
+    """The decode-step shortcut of AttentionMetadata.build gives the general path's fields."""
+    import dataclasses
+    import random
+
+    from pagedllm.attention.metadata import AttentionMetadata
+
+    rng = random.Random(seed)
+    block = rng.choice([1, 4, 16])
+    lens = [rng.randint(1, 90) for _ in range(rng.randint(1, 9))]
+    tables = [rng.sample(range(400), -(-n // block)) for n in lens]
+    fast = AttentionMetadata.build(lens, [1] * len(lens), tables, block)
+    general = AttentionMetadata._general(lens, [1] * len(lens), tables, block, "cpu")
+    for field in dataclasses.fields(AttentionMetadata):
+        a, b = getattr(fast, field.name), getattr(general, field.name)
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), field.name
+        else:
+            assert a == b, field.name
