@@ -1,9 +1,9 @@
 """Quantized weights kept as the GGUF file's values, repacked once at load: the only copy.
 
 `QuantizedWeight` holds a quantized matrix as `csrc/quant_matmul.c` repacks it from the
-file's blocks (the integers apart from their float32 scales and mins, so the hot loops
-read every type alike; gguf's dequantization is reproduced bit for bit) and computes
-from it:
+file's blocks (the integers apart from their scales and mins, float16 where exact, so the
+hot loops read every type alike; gguf's dequantization is reproduced bit for bit) and
+computes from it:
   - small batches (decode): int8 dot products per block, as llama.cpp does (or, `exact`,
     float32 products that match a float32 matmul over gguf's dequantization);
   - larger batches (prefill, many sequences): a tile of rows at a time is dequantized
@@ -31,7 +31,8 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_matmul.c"
 QUANT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
 MAX_ROWS = 16  # the most rows of x one call of the block kernel takes (MAX_ROWS in the C)
 # Batches of at most this many rows use the block kernel; larger ones dequantized tiles.
-# Measured crossover (SmolLM2-135M layers, BENCHMARKS.md): see `bench_kernels.py`.
+# Measured crossover, all of SmolLM2-135M's products at 16 rows: 39.5 ms for the block
+# kernel, 44.0 ms for bf16 tiles (BENCHMARKS.md, `benchmarks/bench_quant_kernels.py`).
 SMALL_BATCH = 16
 TILE_BYTES = 4 << 20  # one dequantized tile (4 MiB measured best of 1, 4 and whole matrices)
 

@@ -319,7 +319,8 @@ static AI void row_int(const weight *w, size_t n, const quantized_x *xq, int M, 
         for (int r = 0; r < M; r++) {
             const int8_t *x = xq->q + (size_t)r * K + 32 * b;
             int sum[2] = {0, 0};
-            for (int j = 0; j < 32; j++) sum[j / 16] += (sgn ? v[j] : (uint8_t)v[j]) * x[j];
+            for (int h = 0; h < 2; h++) /* v is never negative unless sgn: int8 reads it */
+                for (int j = 16 * h; j < 16 * h + 16; j++) sum[h] += v[j] * x[j];
             const float *d = xq->d + 2 * ((size_t)r * nb + b);
             out[r] += s0 * d[0] * (float)sum[0] + s1 * d[1] * (float)sum[1];
         }
@@ -365,7 +366,8 @@ static AI void row_exact(const weight *w, size_t n, const float *x, const float 
         for (int r = 0; r < M; r++) {
             const float *xb = x + (size_t)r * K + 32 * b;
             float sum[2] = {0.f, 0.f};
-            for (int j = 0; j < 32; j++) sum[j / 16] += (float)v[j] * xb[j];
+            for (int h = 0; h < 2; h++)
+                for (int j = 16 * h; j < 16 * h + 16; j++) sum[h] += (float)v[j] * xb[j];
             out[r] += s0 * sum[0] + s1 * sum[1];
         }
     }
