@@ -30,10 +30,11 @@ T = GGMLQuantizationType
 SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_matmul.c"
 QUANT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
 MAX_ROWS = 16  # the most rows of x one call of the block kernel takes (MAX_ROWS in the C)
-# Batches of at most this many rows use the block kernel; larger ones dequantized tiles.
-# Measured crossover, all of SmolLM2-135M's products at 16 rows: 39.5 ms for the block
-# kernel, 44.0 ms for bf16 tiles (BENCHMARKS.md, `benchmarks/bench_quant_kernels.py`).
-SMALL_BATCH = 16
+# Batches of at most this many rows use the block kernel (one call holds them all); larger
+# ones dequantized tiles. Measured crossover, all of SmolLM2-135M's products at 16 rows:
+# 39.5 ms for the block kernel, 44.0 ms for bf16 tiles (BENCHMARKS.md,
+# `benchmarks/bench_quant_kernels.py`).
+SMALL_BATCH = MAX_ROWS
 TILE_BYTES = 4 << 20  # one dequantized tile (4 MiB measured best of 1, 4 and whole matrices)
 
 _INT, _LONG, _PTR = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
@@ -212,58 +213,61 @@ class QuantizedWeight:
         if status != 0:
             raise RuntimeError(f"dequantizing {self.qtype.name} rows failed ({status})")
 
-    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, exact: bool = False):
-        """out[M, rows] = x[M, cols] @ w^T for float32 x; `out` may be a column slice of a
-        wider float32 tensor (fused layers write their parts in place)."""
-        x = x.contiguous()
-        if out is None:
-            out = torch.empty(x.shape[0], self.shape[0], dtype=torch.float32)
-        if x.shape[0] <= SMALL_BATCH:
-            for start in range(0, x.shape[0], MAX_ROWS):
-                self._block_matmul(x[start : start + MAX_ROWS], out[start:], exact)
-        else:
-            self._tiled_matmul(x, out, torch.float32 if exact else fast_tile_dtype())
-        return out
-
-    def fused_matmul(
+    def matmul(
         self,
         x: torch.Tensor,
-        out: torch.Tensor,
-        exact: bool,
+        out: torch.Tensor | None = None,
+        exact: bool = False,
         op: int = PLAIN,
         norm: tuple[torch.Tensor, float] | None = None,
         accumulate: bool = False,
     ) -> torch.Tensor:
-        """out (=, or += with `accumulate`) op(x) @ w^T for float32 x, op being PLAIN,
-        RMS_NORM (`norm` = its weight and eps) or SILU_MUL (x rows hold [gate | up]): a
-        decode step's norm, activation and residual add with the product. Up to MAX_ROWS
-        rows it is one C call; larger batches prepare op(x) in C, then multiply in tiles."""
+        """out (=, or += with `accumulate`) op(x) @ w^T for float32 x [M, cols], op being
+        PLAIN, RMS_NORM (`norm` = its weight and eps) or SILU_MUL (x rows hold [gate | up]):
+        a decode step's norm, activation and residual add with the product. `out` may be a
+        column slice of a wider float32 tensor (fused layers write their parts in place).
+        Up to SMALL_BATCH rows it is one C call; larger batches prepare op(x) in C, then
+        multiply in tiles."""
+        x = x.contiguous()
         rows = x.shape[0]
-        if rows <= MAX_ROWS:
+        if out is None:
+            out = torch.empty(rows, self.shape[0], dtype=torch.float32)
+        if rows <= SMALL_BATCH:
             self._block_matmul(x, out, exact, op, norm, accumulate)
             return out
-        prepared = torch.empty(rows, self.cols, dtype=torch.float32)
+        if op != PLAIN:
+            x = self._prepare(x, op, norm)
+        tile_dtype = torch.float32 if exact else fast_tile_dtype()
+        if accumulate:
+            product = torch.empty(rows, self.shape[0], dtype=torch.float32)
+            self._tiled_matmul(x, product, tile_dtype)
+            out += product
+        else:
+            self._tiled_matmul(x, out, tile_dtype)
+        return out
+
+    def _prepare(
+        self, x: torch.Tensor, op: int, norm: tuple[torch.Tensor, float] | None
+    ) -> torch.Tensor:
+        """op(x) [M, cols] in float32, computed by the C code the block kernel uses."""
+        prepared = torch.empty(x.shape[0], self.cols, dtype=torch.float32)
         status = self._kernels().prepare(
-            x.data_ptr(), x.stride(0), rows, self.cols, op,
+            x.data_ptr(), x.stride(0), x.shape[0], self.cols, op,
             None if norm is None else norm[0].data_ptr(), 0.0 if norm is None else norm[1],
             prepared.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"preparing {tuple(x.shape)} for a matmul failed ({status})")
-        if accumulate:
-            out += self.matmul(prepared, exact=exact)
-        else:
-            self.matmul(prepared, out, exact=exact)
-        return out
+        return prepared
 
     def _block_matmul(
         self,
         x: torch.Tensor,
         out: torch.Tensor,
         exact: bool,
-        op: int = PLAIN,
-        norm: tuple[torch.Tensor, float] | None = None,
-        accumulate: bool = False,
+        op: int,
+        norm: tuple[torch.Tensor, float] | None,
+        accumulate: bool,
     ) -> None:
         # the per-call Python work is part of every decode step's cost: keep it small
         status = self._kernels().matmul(

@@ -162,12 +162,12 @@ class LlamaDecoderLayer(nn.Module):
         qkv_w, o_w, gate_up_w, down_w, norm_1, norm_2, heads, scale = self.decode_parts  # type: ignore[misc]
         tokens = hidden.shape[0]
         qkv = torch.empty(tokens, qkv_w.shape[0])
-        qkv_w.fused_matmul(hidden, qkv, exact, RMS_NORM, norm_1)
+        qkv_w.matmul(hidden, qkv, exact, RMS_NORM, norm_1)
         out = cpu_decode.paged_decode_rope(qkv, cos_sin, kv_cache, meta, heads, scale)
-        o_w.fused_matmul(out, hidden, exact, accumulate=True)
+        o_w.matmul(out, hidden, exact, accumulate=True)
         gate_up = torch.empty(tokens, gate_up_w.shape[0])
-        gate_up_w.fused_matmul(hidden, gate_up, exact, RMS_NORM, norm_2)
-        down_w.fused_matmul(gate_up, hidden, exact, SILU_MUL, accumulate=True)
+        gate_up_w.matmul(hidden, gate_up, exact, RMS_NORM, norm_2)
+        down_w.matmul(gate_up, hidden, exact, SILU_MUL, accumulate=True)
         return hidden
 
 
