@@ -95,12 +95,13 @@ static void attend_one_kv_head(const float *q, const float *key_cache, const flo
                                const int64_t *table, int64_t len, int block_size, int h, int group,
                                int head_dim, size_t block_stride, size_t token_stride, float scale,
                                float *scores /* [group, len] */, float *o /* [group, D] */) {
+    /* head h's slice of every token row: the caches offset by h heads */
+    const float *keys = key_cache + (size_t)h * head_dim, *values = value_cache + (size_t)h * head_dim;
     for (int64_t t = 0; t < len; t++) {
         if (t + AHEAD < len)
-            prefetch_head(token_row(key_cache, table, t + AHEAD, block_size, block_stride,
-                                    token_stride) + (size_t)h * head_dim, head_dim);
-        const float *k = token_row(key_cache, table, t, block_size, block_stride, token_stride) +
-                         (size_t)h * head_dim;
+            prefetch_head(token_row(keys, table, t + AHEAD, block_size, block_stride, token_stride),
+                          head_dim);
+        const float *k = token_row(keys, table, t, block_size, block_stride, token_stride);
         for (int g = 0; g < group; g++) {
             const float *qg = q + (size_t)g * head_dim;
             float s = 0.f;
@@ -115,10 +116,9 @@ static void attend_one_kv_head(const float *q, const float *key_cache, const flo
     }
     for (int64_t t = 0; t < len; t++) {
         if (t + AHEAD < len)
-            prefetch_head(token_row(value_cache, table, t + AHEAD, block_size, block_stride,
-                                    token_stride) + (size_t)h * head_dim, head_dim);
-        const float *v = token_row(value_cache, table, t, block_size, block_stride, token_stride) +
-                         (size_t)h * head_dim;
+            prefetch_head(token_row(values, table, t + AHEAD, block_size, block_stride, token_stride),
+                          head_dim);
+        const float *v = token_row(values, table, t, block_size, block_stride, token_stride);
         for (int g = 0; g < group; g++) {
             const float p = scores[(size_t)g * len + t];
             float *og = o + (size_t)g * head_dim;
