@@ -162,3 +162,24 @@ def test_default_model_keeps_only_its_quantized_values(default_model_path):
     )
     weights = block_bytes + model.embed_tokens.quantized.nbytes
     assert weights < default_model_path.stat().st_size  # Q4_1 and Q8_0 keep their bytes
+
+
+def test_loader_names_the_file_and_tensor_when_rows_do_not_hold_whole_blocks(tmp_path):
+    """A quantized tensor whose rows are not whole blocks is a ModelLoadError, not a crash."""
+    from types import SimpleNamespace
+
+    from pagedllm.model.loader.errors import ModelLoadError
+    from pagedllm.model.loader.gguf import _tensor_value
+
+    raw, _ = quantized(T.Q8_0, 4, 64)
+    tensor = SimpleNamespace(
+        name="blk.0.ffn_up.weight", tensor_type=T.Q8_0, shape=raw.shape, data=raw[:, :-1]
+    )
+    with pytest.raises(ModelLoadError, match=r"bad\.gguf.*blk\.0\.ffn_up\.weight"):
+        _tensor_value(
+            tmp_path / "bad.gguf",
+            tensor,
+            "model.layers.0.mlp.up_proj.weight",
+            torch.float32,
+            quantized=True,
+        )

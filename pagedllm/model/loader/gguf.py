@@ -273,7 +273,10 @@ def _tensor_value(
     kind = tensor.tensor_type
     matrix = len(tensor.shape) == 2
     if quantized and matrix and kind in QUANT_TYPES:
-        return QuantizedWeight.from_gguf(tensor.data, kind)
+        try:
+            return QuantizedWeight.from_gguf(tensor.data, kind)
+        except ValueError as e:  # rows that do not hold whole blocks
+            raise ModelLoadError(path, f"tensor {tensor.name!r}: {e}") from e
     if quantized and matrix and kind in _HALF_TYPES:
         return dequantize(path, tensor, _HALF_TYPES[kind])  # exact: half → float32 → half
     # rotary frequency factors stay in float32: they scale angles, not activations
