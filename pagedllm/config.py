@@ -169,7 +169,8 @@ ENGINE_ARG_HELP = {
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
     "enable_chunked_prefill": "split long prompts across steps",
     "scheduling_policy": "fcfs or priority",
-    "max_waiting": "most requests waiting; more are refused (default: unbounded)",
+    "max_waiting": "most requests waiting; more are refused, by the server with 503 "
+    "(default: unbounded; 1024 for serve)",
     "seed": "seed of the engine's shared random stream",
     "exact_matmul": "multiply quantized GGUF weights in float32 from their exact values "
     "(matches transformers; default: int8 activations, a scale per 16 values, as llama.cpp)",

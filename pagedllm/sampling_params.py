@@ -12,6 +12,14 @@ _GREEDY_EPS = 1e-5
 # The range torch.Generator.manual_seed accepts; larger seeds would crash the engine.
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
+# Bounds on the fields whose cost is paid for every row of every step (the sampler
+# walks stop_token_ids and logit_bias; the detokenizer scans each stop string), so
+# one request cannot make every step slow. OpenAI allows 4 stop strings and 300
+# logit_bias entries; vLLM sets no bound.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 512
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 300
 
 
 @dataclass
@@ -41,8 +49,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = _as_list("stop", self.stop)
-        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids)
+        self.stop = _as_list("stop", self.stop, MAX_STOP_STRINGS)
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS)
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias is not None:
@@ -77,6 +85,11 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must contain non-empty strings, got {s!r}")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(
+                    f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, "
+                    f"got one of {len(s)}"
+                )
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, minimum=0)
         if self.logprobs is not None:
@@ -95,6 +108,21 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when sampling reduces to argmax."""
         return self.temperature < _GREEDY_EPS
+
+    def within_vocabulary(self, vocab_size: int) -> SamplingParams:
+        """These params without logit_bias entries or stop ids past the vocabulary.
+
+        Such ids can never be sampled, so they would only cost time in every step.
+        """
+        bias = self.logit_bias
+        if bias is not None and any(t >= vocab_size for t in bias):
+            bias = {t: v for t, v in bias.items() if t < vocab_size}
+        stop_ids = self.stop_token_ids
+        if any(t >= vocab_size for t in stop_ids):
+            stop_ids = [t for t in stop_ids if t < vocab_size]
+        if bias is self.logit_bias and stop_ids is self.stop_token_ids:
+            return self
+        return self.clone(logit_bias=bias, stop_token_ids=stop_ids)
 
     def clone(self, **changes: object) -> SamplingParams:
         """A copy with some fields changed (validated again)."""
@@ -118,18 +146,22 @@ class BeamSearchParams:
         _check_number("length_penalty", self.length_penalty)
 
 
-def _as_list(name: str, value: object) -> list:
+def _as_list(name: str, value: object, max_items: int) -> list:
     if value is None:
         return []
-    if isinstance(value, list | tuple):
-        return list(value)
-    raise ValueError(f"{name} must be a list, got {value!r}")
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    if len(value) > max_items:
+        raise ValueError(f"{name} may have at most {max_items} entries, got {len(value)}")
+    return list(value)
 
 
 def _normalize_logit_bias(value: object) -> dict[int, float]:
     """Token-id keys may arrive as strings (JSON objects); values as ints."""
     if not isinstance(value, dict):
         raise ValueError(f"logit_bias must be a dict of token id to bias, got {value!r}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
     out: dict[int, float] = {}
     for key, bias in value.items():
         token_id = key

@@ -2,12 +2,11 @@
 
 Tokenization is `transformers`' (a Rust `tokenizers` backend), built from the GGUF
 file's vocabulary and merges exactly as `transformers` builds it for the reference
-model, or read from a Hugging Face folder. Chat templates render in `transformers`'
-immutable Jinja sandbox, so a template shipped in a model file cannot reach Python
-internals; a template that tries (or fails any other way) raises ValueError.
-Before rendering, `check_template` refuses a template that names a private or
-dunder attribute outright: the sandbox alone renders a single unsafe lookup such as
-`{{ self._TemplateReference__context }}` as an empty string, which hides the attempt.
+model, or read from a Hugging Face folder. Chat templates render as `transformers`
+renders them, in its immutable Jinja sandbox, with time and size limits added
+(`pagedllm.chat_template`): a template shipped in a model file can neither reach Python
+internals nor hang or exhaust the server; one that tries (or fails any other way)
+raises ValueError("chat template failed: ...").
 
 Any Python string encodes. A lone surrogate ("\\ud800", which only Python code can
 pass: the HTTP server refuses one in JSON as invalid) has no UTF-8 form and becomes
@@ -20,14 +19,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, nodes
-from jinja2.exceptions import SecurityError
-from jinja2.ext import Extension
-
+from pagedllm.chat_template import check_template as check_template
+from pagedllm.chat_template import render_template, template_variables
 from pagedllm.model.loader import ModelLoadError, resolve_model_path
 
 Message = dict[str, Any]
@@ -69,20 +65,17 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
     ) -> str:
-        """Render a conversation with the model's template (or `chat_template`), sandboxed."""
+        """Render a conversation with the model's template (or `chat_template`), sandboxed and
+        bounded in time and size (see `pagedllm.chat_template`)."""
         if not (chat_template or self.has_chat_template):
             raise ValueError("this model has no chat template; pass chat_template or use prompts")
-        template = chat_template or self.hf.chat_template
         try:
-            if isinstance(template, str):
-                check_template(template)
-            return self.hf.apply_chat_template(
-                messages,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template,
+            template = self.hf.get_chat_template(chat_template)  # a name picks one of several
+            variables = template_variables(
+                messages, add_generation_prompt, self.hf.special_tokens_map
             )
-        except Exception as e:  # a template's own error (raise_exception, sandbox refusals, ...)
+            return render_template(template, variables)
+        except Exception as e:  # a template's own error (raise_exception, sandbox refusals, limits)
             raise ValueError(f"chat template failed: {e}") from e
 
     def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
@@ -105,38 +98,3 @@ def load_tokenizer(model: str | Path | None) -> Tokenizer:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(path, f"cannot build the tokenizer ({e})") from e
     return Tokenizer(hf)
-
-
-class _GenerationTag(Extension):
-    """Parses transformers' `{% generation %}...{% endgeneration %}` block (for checking only)."""
-
-    tags = {"generation"}  # noqa: RUF012 - jinja2's declared class attribute
-
-    def parse(self, parser: Any) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.Scope(body).set_lineno(lineno)
-
-
-_PARSER = Environment(extensions=["jinja2.ext.loopcontrols", _GenerationTag])
-
-
-@lru_cache(maxsize=64)
-def check_template(template: str) -> None:
-    """Raise SecurityError if the template names a private attribute (`x._y`, `x['__y__']`,
-    `x|attr('_y')`); syntax errors are left to the renderer, which reports them."""
-    try:
-        tree = _PARSER.parse(template)
-    except Exception:
-        return
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
-        if isinstance(node, nodes.Getattr):
-            name = node.attr
-        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
-            name = node.arg.value if str(node.arg.value).startswith("__") else None
-        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args:
-            name = node.args[0].value if isinstance(node.args[0], nodes.Const) else None
-        else:
-            name = None
-        if isinstance(name, str) and name.startswith("_"):
-            raise SecurityError(f"the template reaches for the private attribute {name!r}")

@@ -86,3 +86,26 @@ def test_beam_search_params_validated():
         BeamSearchParams(beam_width=0, max_tokens=4)
     with pytest.raises(ValueError, match="max_tokens"):
         BeamSearchParams(beam_width=2, max_tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "at_cap", "over_cap"),
+    [
+        ("stop", ["x"] * 32, ["x"] * 33),
+        ("stop", ["x" * 512], ["x" * 513]),
+        ("stop_token_ids", list(range(256)), list(range(257))),
+        ("logit_bias", {i: 1.0 for i in range(300)}, {i: 1.0 for i in range(301)}),
+    ],
+)
+def test_fields_walked_every_step_are_capped(field, at_cap, over_cap):
+    SamplingParams(**{field: at_cap})
+    with pytest.raises(ValueError, match=f"^{field} "):
+        SamplingParams(**{field: over_cap})
+
+
+def test_ids_past_the_vocabulary_are_dropped_once_at_intake():
+    params = SamplingParams(logit_bias={3: 1.0, 99: 2.0}, stop_token_ids=[1, 100])
+    kept = params.within_vocabulary(50)
+    assert kept.logit_bias == {3: 1.0} and kept.stop_token_ids == [1]
+    inside = SamplingParams(logit_bias={3: 1.0})
+    assert inside.within_vocabulary(50) is inside

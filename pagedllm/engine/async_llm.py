@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -83,16 +84,34 @@ class StatLogger(Protocol):
 
 
 class RequestStream:
-    """The async iterator of one request's deltas; ends after the finished delta."""
+    """The async iterator of one request's deltas; ends after the finished delta.
+
+    Deltas that arrive while the reader is behind are merged into one, so a client
+    that stops reading costs one growing delta (the text it has not read yet), not
+    one object per engine step.
+    """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
         self.loop = loop
-        self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self._unread: _UnreadDeltas | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
         self.finished = False
 
     def put(self, item: RequestDelta | BaseException) -> None:
-        self._queue.put_nowait(item)
+        if isinstance(item, BaseException):
+            self._error = self._error or item
+        elif self._unread is None:
+            self._unread = _UnreadDeltas(item)
+        else:
+            self._unread.add(item)
+        self._ready.set()
+
+    @property
+    def num_unread(self) -> int:
+        """Engine steps whose deltas wait to be read (merged into one)."""
+        return 0 if self._unread is None else self._unread.num_steps
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -100,12 +119,63 @@ class RequestStream:
     async def __anext__(self) -> RequestDelta:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
+        while self._unread is None and self._error is None:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._unread is not None:  # what came before the error is still delivered
+            delta, self._unread = self._unread.merged(), None
+            self.finished = delta.finished
+            return delta
+        self.finished = True
+        assert self._error is not None
+        raise self._error
+
+
+class _UnreadDeltas:
+    """Consecutive deltas of one request, merged: pieces of text are joined once, on read."""
+
+    def __init__(self, first: RequestDelta) -> None:
+        self.latest = first
+        self.num_steps = 1
+        self.prompt_logprobs = first.prompt_logprobs
+        self.texts: dict[int, list[str]] = {}
+        self.outputs: dict[int, CompletionDelta] = {}
+        self._absorb(first)
+
+    def add(self, delta: RequestDelta) -> None:
+        self.latest = delta
+        self.num_steps += 1
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        self._absorb(delta)
+
+    def _absorb(self, delta: RequestDelta) -> None:
+        for c in delta.outputs:
+            kept = self.outputs.get(c.index)
+            if kept is None:
+                self.outputs[c.index] = CompletionDelta(
+                    c.index, "", list(c.token_ids), None if c.logprobs is None else list(c.logprobs)
+                )
+                self.texts[c.index] = [c.text]
+                kept = self.outputs[c.index]
+            else:
+                self.texts[c.index].append(c.text)
+                kept.token_ids += c.token_ids
+                if c.logprobs is not None:
+                    kept.logprobs = kept.logprobs or []
+                    kept.logprobs.extend(c.logprobs)
+            kept.finish_reason, kept.stop_reason = c.finish_reason, c.stop_reason
+
+    def merged(self) -> RequestDelta:
+        if self.num_steps == 1:
+            return self.latest
+        for index, pieces in self.texts.items():
+            self.outputs[index].text = "".join(pieces)
+        return dataclasses.replace(
+            self.latest,
+            outputs=[self.outputs[i] for i in sorted(self.outputs)],
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
 
 class _Tracker:

@@ -6,7 +6,9 @@ token: a character may be split over several byte-level tokens (nothing is sent
 until it is whole, never a U+FFFD for a partial character), and a stop string
 may arrive over several steps (characters that could be the start of one are
 held back until they are known not to be, so a client never sees text that is
-later cut).
+later cut). How much to hold back is kept up to date by one KMP automaton per stop
+string, so each update costs time in its new characters only, however long the
+stop strings are.
 
 Decoding follows vLLM's prefix/read offsets: each step decodes a short window
 of recent tokens and keeps what it adds beyond the window's already-read part,
@@ -50,6 +52,7 @@ class IncrementalDetokenizer:
         self._tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
         self._skip_special_tokens = params.skip_special_tokens
         self._stop = list(params.stop)
+        self._stop_prefixes = _StopPrefixes(self._stop)
         self._include_stop = params.include_stop_str_in_output
         self._min_tokens = params.min_tokens
 
@@ -101,6 +104,7 @@ class IncrementalDetokenizer:
                 self._stop_check_from = len(self.output_text)
         if finished:
             self.output_text += self._flush()
+        self._stop_prefixes.feed(self.output_text[checked_upto:])
 
         stop = self._find_stop(max(checked_upto, self._stop_check_from))
         if stop is not None:
@@ -109,7 +113,8 @@ class IncrementalDetokenizer:
             self.output_text = self.output_text[: max(cut, self._sent)]
             finished = True
 
-        end = len(self.output_text) if finished else len(self.output_text) - self._held_back()
+        held = self._stop_prefixes.longest
+        end = len(self.output_text) if finished else len(self.output_text) - held
         delta = self.output_text[self._sent : end]
         self._sent = max(self._sent, end)
         self.finished = finished
@@ -151,17 +156,6 @@ class IncrementalDetokenizer:
         index, stop = best
         return stop, index + len(stop) if self._include_stop else index
 
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that could begin a stop string."""
-        text = self.output_text
-        held = 0
-        for stop in self._stop:
-            for length in range(min(len(stop) - 1, len(text)), held, -1):
-                if text.endswith(stop[:length]):
-                    held = length
-                    break
-        return held
-
     def _prompt_context(self, prompt_token_ids: Sequence[int]) -> list[int]:
         """The last few prompt tokens, if they decode cleanly (no partial character)."""
         for size in range(min(_PROMPT_CONTEXT_TOKENS, len(prompt_token_ids)), 0, -1):
@@ -169,3 +163,47 @@ class IncrementalDetokenizer:
             if _REPLACEMENT not in self._decode(context):
                 return context
         return []
+
+
+class _StopPrefixes:
+    """The longest tail of the text so far that is a proper prefix of some stop string.
+
+    One Knuth-Morris-Pratt automaton per stop string, fed each new character once:
+    its state is the length of the longest tail of the text that begins the string.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = list(stops)
+        self._failure = [_failure_table(stop) for stop in self._stops]
+        self._states = [0] * len(self._stops)
+
+    @property
+    def longest(self) -> int:
+        return max(self._states, default=0)
+
+    def feed(self, text: str) -> None:
+        if not text:
+            return
+        for i, stop in enumerate(self._stops):
+            state, failure, full = self._states[i], self._failure[i], len(stop)
+            for char in text:
+                while state and stop[state] != char:
+                    state = failure[state - 1]
+                if stop[state] == char:
+                    state += 1
+                if state == full:  # a whole match: keep only its longest proper border
+                    state = failure[state - 1]
+            self._states[i] = state
+
+
+def _failure_table(pattern: str) -> list[int]:
+    """failure[i]: length of the longest proper prefix of pattern[: i + 1] that is also its suffix."""
+    failure = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = failure[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        failure[i] = k
+    return failure

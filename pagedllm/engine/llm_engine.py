@@ -84,16 +84,17 @@ class LLMEngine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         path = resolve_model_path(args.model)
         self.model_path = path
-        self.model = load_model(path, self.dtype, self.device, exact_matmul=args.exact_matmul)
+        # refuses a max_model_len past the model's context; sizes the rotary table by it
+        self.model = load_model(
+            path,
+            self.dtype,
+            self.device,
+            exact_matmul=args.exact_matmul,
+            max_model_len=args.max_model_len,
+        )
         self.model_config = config = self.model.config
         self.tokenizer = load_tokenizer(path)
-        context = config.max_position_embeddings
-        max_model_len = args.max_model_len or context
-        if max_model_len > context:
-            raise ValueError(
-                f"max_model_len ({max_model_len}) is longer than the model's context ({context})"
-            )
-        self.max_model_len = max_model_len
+        self.max_model_len = max_model_len = args.max_model_len or config.max_position_embeddings
         num_blocks = args.num_kv_blocks or num_blocks_for_memory(
             config, args.block_size, self.dtype, self.device, args.kv_cache_memory
         )
@@ -160,6 +161,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
         text, ids = self.tokenize_prompt(prompt)
+        params = params.within_vocabulary(self.model_config.vocab_size)
         request = Request(
             request_id=request_id,
             prompt_token_ids=ids,

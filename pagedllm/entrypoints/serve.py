@@ -11,6 +11,10 @@ from pagedllm.entrypoints.cli_args import HelpFormatter, add_engine_args, add_mo
 # times over, or its token ids as JSON; small enough that a flood of bodies cannot
 # exhaust memory. (The server itself is imported lazily: --help needs no FastAPI.)
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# Requests waiting for a slot beyond this get 503 with Retry-After, so a burst (or one
+# request listing many prompts) cannot queue without bound. The offline API keeps the
+# engine's default, unbounded: it queues a whole batch before stepping.
+SERVE_MAX_WAITING = 1024
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,6 +51,15 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="enable CORS for these origins ('*' for any) (default: CORS off)",
     )
     server.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="Host header names answered besides the bound address and localhost ('*' for "
+        "any), as in llama-server; others get 403, against DNS rebinding "
+        "(default: any when bound to 0.0.0.0 or ::)",
+    )
+    server.add_argument(
         "--max-request-body-bytes",
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
@@ -72,7 +85,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="log level of the server and engine",
     )
     add_engine_args(parser)
-    parser.set_defaults(func=run_serve)
+    parser.set_defaults(func=run_serve, max_waiting=SERVE_MAX_WAITING)
     return parser
 
 
@@ -81,4 +94,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.max_request_body_bytes < 1:
         raise SystemExit("pagedllm serve: error: --max-request-body-bytes must be >= 1")
+    if args.api_key is not None and not args.api_key.strip():
+        raise SystemExit(
+            "pagedllm serve: error: --api-key (or $PAGEDLLM_API_KEY) is empty; "
+            "give a key, or leave both unset to serve without one"
+        )
     return run_server(args)

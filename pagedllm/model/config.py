@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# Bounds on config numbers, far beyond any real model, so a corrupt value fails at load
+# rather than building billions of layers or a rotary table of 2³² positions.
+MAX_WIDTH = 1 << 20  # hidden size, FFN size, heads, head size
+MAX_LAYERS = 1 << 12
+MAX_CONTEXT = 1 << 24
+MAX_VOCAB = 1 << 24
+
+# Every size a model is built from, with its upper bound.
+_SIZE_BOUNDS = {
+    "num_layers": MAX_LAYERS,
+    "hidden_size": MAX_WIDTH,
+    "num_heads": MAX_WIDTH,
+    "num_kv_heads": MAX_WIDTH,
+    "head_dim": MAX_WIDTH,
+    "intermediate_size": MAX_WIDTH,
+    "vocab_size": MAX_VOCAB,
+    "max_position_embeddings": MAX_CONTEXT,
+}
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
 
 
 @dataclass
@@ -40,6 +63,51 @@ class ModelArchConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def validate(self, path: str | Path, names: Mapping[str, str] | None = None) -> None:
+        """Refuse sizes no model can have, before any layer or table is built from them.
+
+        Zero, negative or absurd sizes would otherwise surface deep in the model as a
+        ZeroDivisionError or a huge allocation. Raises ModelLoadError naming `path` and the
+        field, spelled as the file spells it (`names` maps our field names to the file's).
+        """
+        # imported here: the loader package imports this module
+        from pagedllm.model.loader.errors import ModelLoadError
+
+        problem = self._problem(names or {})
+        if problem is not None:
+            raise ModelLoadError(path, problem)
+
+    def _problem(self, names: Mapping[str, str]) -> str | None:
+        """The first thing wrong with the sizes, or None."""
+
+        def name(attr: str) -> str:
+            return names.get(attr, attr)
+
+        for attr, high in _SIZE_BOUNDS.items():
+            value = getattr(self, attr)
+            if not _is_int(value) or not 1 <= value <= high:
+                return f"{name(attr)} = {value!r} is not an integer in [1, {high}]"
+        for attr in _POSITIVE_FLOATS:
+            value = getattr(self, attr)
+            if not _is_number(value) or not (math.isfinite(value) and value > 0):
+                return f"{name(attr)} = {value!r} is not a positive number"
+        if self.num_heads % self.num_kv_heads:
+            return (
+                f"{name('num_heads')} = {self.num_heads} is not divisible by "
+                f"{name('num_kv_heads')} = {self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            return f"{name('head_dim')} = {self.head_dim} is odd (rotary embeddings need pairs)"
+        return None
+
     def kv_bytes_per_token(self, bytes_per_element: int) -> int:
         """KV-cache bytes one token occupies across all layers (K and V)."""
         return 2 * self.num_layers * self.kv_size * bytes_per_element
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -269,3 +269,43 @@ def test_an_invariant_violation_stops_the_engine():
             await llm.add_request("b", [1], SamplingParams())
 
     run(engine, scenario)
+
+
+def test_deltas_a_slow_reader_has_not_read_are_merged_into_one():
+    from pagedllm.engine.async_llm import CompletionDelta, RequestDelta, RequestStream
+
+    async def scenario() -> None:
+        stream = RequestStream("r", asyncio.get_running_loop())
+        metrics = RequestMetrics(time.monotonic())
+        for step in range(1000):
+            outputs = [CompletionDelta(i, f"{step},", [step], [{step: None}]) for i in (0, 1)]
+            last = step == 999
+            if last:
+                outputs[1].finish_reason = "length"
+            stream.put(RequestDelta("r", outputs, last, [1, 2], 0, metrics))
+        assert stream.num_unread == 1000
+        merged = [d async for d in stream]
+        assert len(merged) == 1 and merged[0].finished and stream.num_unread == 0
+        c0, c1 = merged[0].outputs
+        assert c0.text == "".join(f"{k}," for k in range(1000)) == c1.text
+        assert c0.token_ids == list(range(1000)) and len(c1.logprobs) == 1000
+        assert (c0.finish_reason, c1.finish_reason) == (None, "length")
+
+    asyncio.run(scenario())
+
+
+def test_an_error_after_unread_deltas_comes_after_them():
+    from pagedllm.engine.async_llm import CompletionDelta, RequestDelta, RequestStream
+
+    async def scenario() -> None:
+        stream = RequestStream("r", asyncio.get_running_loop())
+        delta = RequestDelta("r", [CompletionDelta(0, "a", [1], None)], False, [1], 0, None)
+        stream.put(delta)
+        stream.put(RequestFailedError("boom"))
+        assert (await anext(stream)).outputs[0].text == "a"
+        with pytest.raises(RequestFailedError):
+            await anext(stream)
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream)
+
+    asyncio.run(scenario())

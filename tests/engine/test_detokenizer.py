@@ -181,3 +181,22 @@ def test_first_token_decoded_in_prompt_context():
     detok = IncrementalDetokenizer(tok, [1], SamplingParams())
     assert detok.update([2]).delta_text == " there"
     assert IncrementalDetokenizer(tok, [], SamplingParams()).update([2]).delta_text == "there"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    stops=st.lists(st.text(alphabet="ab", min_size=1, max_size=6), min_size=1, max_size=4),
+    pieces=st.lists(st.text(alphabet="abc", max_size=5), max_size=12),
+)
+def test_held_back_tail_is_the_longest_stop_prefix_the_text_ends_with(stops, pieces):
+    from pagedllm.engine.detokenizer import _StopPrefixes
+
+    tracker = _StopPrefixes(stops)
+    text = ""
+    for piece in pieces:
+        text += piece
+        tracker.feed(piece)
+        expected = max(
+            (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+        )
+        assert tracker.longest == expected

@@ -15,6 +15,7 @@ import pytest
 from pagedllm.config import EngineArgs
 from pagedllm.entrypoints.cli import build_parser
 from pagedllm.entrypoints.cli_args import engine_args_from
+from pagedllm.entrypoints.serve import SERVE_MAX_WAITING
 
 
 def test_serve_help_lists_server_and_engine_flags_with_defaults(capsys):
@@ -47,9 +48,12 @@ def test_serve_defaults_are_local_and_round_trip_to_engine_args(monkeypatch):
         None,
         None,
     )
-    assert engine_args_from(args) == EngineArgs()
+    # the server bounds its waiting queue (503 beyond); the offline API does not
+    assert engine_args_from(args) == EngineArgs(max_waiting=SERVE_MAX_WAITING)
     args = build_parser().parse_args(["serve", "m.gguf", "--max-num-seqs", "4", "--port", "9"])
-    assert engine_args_from(args) == EngineArgs(model="m.gguf", max_num_seqs=4)
+    assert engine_args_from(args) == EngineArgs(
+        model="m.gguf", max_num_seqs=4, max_waiting=SERVE_MAX_WAITING
+    )
 
 
 @pytest.mark.slow

@@ -8,8 +8,11 @@ Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/tokenize`,
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import json.scanner
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,7 +21,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import pagedllm
 from pagedllm.engine.async_llm import AsyncLLM
@@ -27,7 +31,9 @@ from pagedllm.entrypoints.openai.errors import (
     APIError,
     GuardMiddleware,
     bad_request,
+    host_name,
     install_error_handlers,
+    validation_error,
 )
 from pagedllm.entrypoints.openai.openapi import SSE_OR_JSON, describe_bodies, error_responses
 from pagedllm.entrypoints.openai.protocol import (
@@ -44,13 +50,60 @@ from pagedllm.metrics import PrometheusMetrics, StatsLine
 logger = logging.getLogger(__name__)
 
 WEBUI_DIR = Path(__file__).resolve().parent.parent / "webui"
+# The chat page loads only its own script and style and talks only to this server;
+# no other page may frame it.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 Body = TypeVar("Body", bound=BaseModel)
 
 
+# Bodies up to this size are validated on the event loop (well under a millisecond).
+_INLINE_BODY_BYTES = 65_536
+
+
 async def parse(request: Request, model: type[Body]) -> Body:
-    """Read the body (size-limited by the guard) and validate it; errors become 400s."""
-    return model.model_validate_json(await request.body())
+    """Read the body (size-limited by the guard) and validate it; errors become 400s.
+
+    A bigger body is decoded in a worker thread by the pure-Python JSON decoder, which
+    lets other threads run between tokens: the C and Rust parsers hold the GIL for
+    their whole run, half a second or more on 4 MB of tiny arrays, and `/health`
+    would wait that long. The decoded data is then validated by pydantic, which
+    refuses over-long lists from their length before reading their items.
+    """
+    body = await request.body()
+    if len(body) <= _INLINE_BODY_BYTES:
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+
+    def decode_and_validate() -> Body:
+        try:
+            data = _GIL_FRIENDLY_JSON.decode(body.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, NaN, deep nesting
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise validation_error(e) from None
+
+    return await asyncio.to_thread(decode_and_validate)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_GIL_FRIENDLY_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+_GIL_FRIENDLY_JSON.scan_once = json.scanner.py_make_scanner(_GIL_FRIENDLY_JSON)  # type: ignore[attr-defined]
 
 
 def build_app(
@@ -60,18 +113,25 @@ def build_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: Sequence[str] = (),
+    allowed_hosts: Collection[str] | None = None,
     webui_dir: Path = WEBUI_DIR,
     drain: Drain | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `llm` under the given model names (the first is the default).
 
     With `drain`, requests are counted and refused with 503 once it starts draining.
+    `allowed_hosts` (names without ports) are the Host headers answered; None: any.
     """
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, api_key=api_key)
+    app.add_middleware(
+        GuardMiddleware,
+        max_body_bytes=max_body_bytes,
+        api_key=api_key,
+        allowed_hosts=allowed_hosts,
+    )
     if allowed_origins:  # outside the guard, so a browser's preflight needs no key
         app.add_middleware(
             CORSMiddleware,
@@ -115,7 +175,7 @@ def build_app(
                 "object": "model",
                 "created": 0,
                 "owned_by": "pagedllm",
-                "root": str(llm.engine.model_path),
+                "root": llm.engine.model_path.name,  # never the path on this machine
                 "max_model_len": llm.max_model_len,
             }
             for name in served_model_names
@@ -155,17 +215,22 @@ def build_app(
         body = await parse(request, DetokenizeRequest)
         chat.check_model(body.model)
         vocab = llm.engine.model_config.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad}", param="tokens")
-        return JSONResponse({"prompt": llm.tokenizer.decode(body.tokens)})
+        tokens = body.tokens
+
+        def decode() -> str:
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"tokens must be in [0, {vocab}), got {bad}", param="tokens")
+            return llm.tokenizer.decode(tokens)
+
+        return JSONResponse({"prompt": await chat.off_loop(decode, len(tokens))})
 
     @app.get("/", response_class=HTMLResponse, responses=error_responses(404))
     async def index() -> Response:
         page = webui_dir / "index.html"
         if not page.is_file():
             raise APIError(404, "no web page is installed")
-        return FileResponse(page)
+        return FileResponse(page, headers=PAGE_HEADERS)
 
     describe_bodies(
         app,
@@ -178,7 +243,42 @@ def build_app(
     )
     if (webui_dir / "static").is_dir():
         app.mount("/static", StaticFiles(directory=webui_dir / "static"), name="static")
+    app.add_middleware(NoSniffMiddleware)
     return app
+
+
+class NoSniffMiddleware:
+    """`X-Content-Type-Options: nosniff` on every response, so JSON is never run as script."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), _NOSNIFF]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+def allowed_hosts_for(host: str, extra: Sequence[str] | None) -> set[str] | None:
+    """The Host names a server bound to `host` answers to; None: any (`*` or a wildcard bind).
+
+    A loopback server answers only to loopback names, so a web page whose own name
+    resolves to 127.0.0.1 (DNS rebinding) cannot read its answers.
+    """
+    extra = list(extra or ())
+    if "*" in extra or (host in ("0.0.0.0", "::", "") and not extra):
+        return None
+    names = {"localhost", "127.0.0.1", "[::1]", host_name(host), *map(host_name, extra)}
+    if ":" in host and not host.startswith("["):
+        names.add(f"[{host.lower()}]")  # an IPv6 address as a Host header writes it
+    return names
 
 
 def served_name(model: str | None, model_path: Path) -> str:
@@ -207,6 +307,7 @@ def run_server(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_body_bytes=args.max_request_body_bytes,
         allowed_origins=args.allowed_origins or (),
+        allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
         drain=drain,
     )
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)

@@ -2,14 +2,17 @@
 
 Every failure the server reports, from a bad field to an unknown route, is a JSON
 body `{"error": {"message", "type", "param", "code"}}` with the HTTP status
-OpenAI uses. The guard middleware refuses oversized bodies (413) and requests
-without the API key (401) before any routing or parsing.
+OpenAI uses. The guard middleware refuses, before any routing or parsing: a `Host` the
+server does not answer to (403, against DNS rebinding), an oversized body (413),
+a POST that is not JSON (415: a web page can send `text/plain` to 127.0.0.1 with
+no CORS preflight, JSON needs one) and a request without the API key (401).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Collection
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,9 +28,11 @@ from pagedllm.engine.async_llm import EngineDeadError, RequestFailedError
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     500: "internal_server_error",
     503: "service_unavailable_error",
 }
@@ -43,8 +48,10 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         err_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param
@@ -62,7 +69,8 @@ class APIError(Exception):
         }
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {**(self.headers or {}), **(headers or {})}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def bad_request(error: ValueError, params: tuple[str, ...] = ()) -> APIError:
@@ -77,7 +85,7 @@ def from_exception(error: BaseException, params: tuple[str, ...] = ()) -> APIErr
     if isinstance(error, APIError):
         return error
     if isinstance(error, QueueFullError):
-        return APIError(503, str(error), code="queue_full")
+        return APIError(503, str(error), code="queue_full", headers={"Retry-After": "1"})
     if isinstance(error, ValueError):
         return bad_request(error, params)
     if isinstance(error, EngineDeadError | RequestFailedError):
@@ -87,20 +95,29 @@ def from_exception(error: BaseException, params: tuple[str, ...] = ()) -> APIErr
 
 def validation_error(error: ValidationError | RequestValidationError) -> APIError:
     """A 400 naming the first invalid field, e.g. `messages[0].role`."""
-    errors = error.errors()
+    errors = error.errors(include_url=False)
     first = errors[0]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('msg')}")
+    if first.get("type") == "value_error":  # our own check, worded "field: problem"
+        message = str(first.get("ctx", {}).get("error", first.get("msg")))
+        field = message.split(":", 1)[0]
+        return APIError(400, message, param=field if field.isidentifier() else None)
     loc = _loc(first)
     message = first.get("msg", "invalid value")
     # A value that matches no member of a union fails once per member, each location
-    # naming the member (`prompt.str`, `prompt.list[int]`): report the field they share.
-    same_field = [_loc(e) for e in errors if _loc(e)[:1] == loc[:1]]
+    # naming the member (`prompt.str`, `prompt.list[int]`): report the field they share,
+    # and the size limit if that is what a member refused.
+    same_field = [e for e in errors if _loc(e)[:1] == loc[:1]]
     if len(same_field) > 1:
+        locs = [_loc(e) for e in same_field]
         n = 0
-        while all(len(other) > n and other[n] == loc[n] for other in same_field):
+        while all(len(other) > n and other[n] == loc[n] for other in locs):
             n += 1
         loc, message = loc[:n], "the value matches none of the accepted types"
+        too_long = next((e for e in same_field if e.get("type") == "too_long"), None)
+        if too_long is not None:
+            message = too_long.get("msg", message)
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     where = f"{param}: " if param else ""
     return APIError(400, f"{where}{message}", param=param or None)
@@ -151,11 +168,12 @@ def _too_large(message: str) -> APIError:
 
 
 class GuardMiddleware:
-    """Body-size limit and API key, checked before routing (pure ASGI, streaming-safe).
+    """Host, body size, content type and API key, checked before routing (pure ASGI).
 
     The size is checked on Content-Length before a byte is read, and counted while a
     chunked body streams in, so an oversized body is never held whole. The key is
-    compared in constant time; only paths under `guarded_prefixes` need it.
+    compared in constant time; only paths under `guarded_prefixes` need it, and POSTs
+    there must be JSON. `allowed_hosts` None lets any Host in.
     """
 
     def __init__(
@@ -164,11 +182,15 @@ class GuardMiddleware:
         max_body_bytes: int,
         api_key: str | None = None,
         guarded_prefixes: tuple[str, ...] = ("/v1", "/tokenize", "/detokenize"),
+        allowed_hosts: Collection[str] | None = None,
     ) -> None:
+        if api_key is not None and not api_key:
+            raise ValueError("api_key must not be empty (None turns the key off)")
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
         self.guarded_prefixes = guarded_prefixes
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -176,7 +198,7 @@ class GuardMiddleware:
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         limit = self.max_body_bytes
-        error = self._refusal(scope["path"], headers)
+        error = self._refusal(scope["method"], scope["path"], headers)
         if error is not None:
             extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
             await send_error(send, error, extra)
@@ -196,8 +218,16 @@ class GuardMiddleware:
 
         await self.app(scope, counting_receive, send)
 
-    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+    def _refusal(self, method: str, path: str, headers: dict[bytes, bytes]) -> APIError | None:
         """Why the request is refused before its body is read, if it is."""
+        host = host_name(headers.get(b"host", b"").decode("latin-1"))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return APIError(
+                403,
+                f"this server does not answer to the host {host!r}; start it with "
+                "--allowed-hosts to add one",
+                code="host_not_allowed",
+            )
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():
@@ -206,9 +236,19 @@ class GuardMiddleware:
                 return _too_large(
                     f"request body is {int(length)} bytes; the limit is {self.max_body_bytes}"
                 )
-        guarded = self.api_key is not None and path.startswith(self.guarded_prefixes)
-        if guarded and not self._authorized(headers.get(b"authorization", b"")):
+        guarded_path = path.startswith(self.guarded_prefixes)
+        keyed = guarded_path and self.api_key is not None
+        if keyed and not self._authorized(headers.get(b"authorization", b"")):
             return APIError(401, "invalid or missing API key", code="invalid_api_key")
+        if guarded_path and method == "POST":
+            media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if media_type != b"application/json":
+                shown = media_type.decode("latin-1") or "none"
+                return APIError(
+                    415,
+                    f"Content-Type must be application/json, got {shown}",
+                    code="unsupported_media_type",
+                )
         return None
 
     def _authorized(self, header: bytes) -> bool:
@@ -217,6 +257,14 @@ class GuardMiddleware:
         if scheme.lower() != b"bearer":
             token = b""
         return hmac.compare_digest(token.strip(), self.api_key)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: `[::1]:8000` → `[::1]`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 async def send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:

@@ -8,14 +8,41 @@ vLLM's extra sampling fields (`top_k`, `min_p`, `repetition_penalty`, ...).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
 
 # OpenAI's own bound; a larger n would fork that many sequences from one request.
 MAX_N = 128
+# One completions request may carry a list of prompts; each becomes n sequences.
+MAX_PROMPTS = 256
+MAX_SEQUENCES_PER_REQUEST = 512
+# A conversation's messages, and their content parts all together.
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 8192
+
+# Lists are bounded in the schema, so validation refuses an over-long one from its
+# length before looking at its items, and stops at the first bad item (fail_fast)
+# instead of listing a million errors.
+TokenIds = Annotated[list[int], Field(fail_fast=True)]
+StopStrings = Annotated[
+    list[Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]],
+    Field(max_length=MAX_STOP_STRINGS, fail_fast=True),
+]
+Prompt = (
+    str
+    | Annotated[list[str], Field(max_length=MAX_PROMPTS, fail_fast=True)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS, fail_fast=True)]
+)
 
 
 class _Body(BaseModel):
@@ -35,9 +62,9 @@ class _SamplingFields(_Body):
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)] | StopStrings | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -47,7 +74,7 @@ class _SamplingFields(_Body):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
 
@@ -116,7 +143,7 @@ SAMPLING_PARAM_NAMES = (
 class CompletionRequest(_SamplingFields):
     """`POST /v1/completions`."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int | None = 16
     echo: bool | None = False
     logprobs: int | None = None
@@ -132,6 +159,14 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         if isinstance(p[0], int):
             return [p]  # type: ignore[list-item]
+        if len(p) > MAX_PROMPTS:
+            raise ValueError(f"prompt may list at most {MAX_PROMPTS} prompts, got {len(p)}")
+        n = self.n or 1
+        if n * len(p) > MAX_SEQUENCES_PER_REQUEST:
+            raise ValueError(
+                f"prompt lists {len(p)} prompts with n={n}: {n * len(p)} sequences, "
+                f"more than the {MAX_SEQUENCES_PER_REQUEST} one request may start"
+            )
         return list(p)  # type: ignore[arg-type]
 
     def to_sampling_params(self) -> SamplingParams:
@@ -165,8 +200,26 @@ class ChatMessage(_Body):
         return {"role": role, "content": content or ""}
 
 
+def _check_conversation_size(data: Any) -> Any:
+    """Refuse too many messages or content parts before a single one is validated."""
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if isinstance(messages, list):
+        if len(messages) > MAX_MESSAGES:
+            raise ValueError(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}")
+        parts = sum(
+            len(m["content"])
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+        )
+        if parts > MAX_CONTENT_PARTS:
+            raise ValueError(f"messages: at most {MAX_CONTENT_PARTS} content parts, got {parts}")
+    return data
+
+
 class ChatCompletionRequest(_SamplingFields):
     """`POST /v1/chat/completions`."""
+
+    _check_size = model_validator(mode="before")(_check_conversation_size)
 
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -192,6 +245,8 @@ class ChatCompletionRequest(_SamplingFields):
 class TokenizeRequest(_Body):
     """`POST /tokenize`: a prompt, or chat messages rendered by the template."""
 
+    _check_size = model_validator(mode="before")(_check_conversation_size)
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -203,7 +258,7 @@ class DetokenizeRequest(_Body):
     """`POST /detokenize`."""
 
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 class ErrorInfo(BaseModel):

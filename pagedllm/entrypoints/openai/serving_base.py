@@ -1,13 +1,17 @@
 """What the completion and chat endpoints share: model check, prompt limits, streams, SSE.
 
-A request's engine requests are aborted whenever the handler stops early: the
-client disconnected, a sibling prompt was refused, or the server is shutting down.
+A request's engine requests are aborted whenever its response ends early, tied to
+the response's lifetime rather than to a generator that may never start: the
+client disconnected (before the first byte, mid-stream, or while a non-streaming
+answer was being built), stopped reading for `SEND_TIMEOUT_S`, a sibling prompt
+was refused, or the server is shutting down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -15,7 +19,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from pagedllm.engine.async_llm import AsyncLLM, RequestDelta, RequestStream
 from pagedllm.entrypoints.openai.errors import APIError, from_exception
@@ -23,9 +27,13 @@ from pagedllm.entrypoints.openai.protocol import SAMPLING_PARAM_NAMES
 from pagedllm.outputs import Logprob
 from pagedllm.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Inputs up to this many characters or ids are tokenized on the event loop (a few ms).
 _INLINE_SIZE = 16_384
+# A stream whose client has not taken a chunk for this long is ended and its requests
+# aborted: a reader that stalls must not hold KV blocks and unread text for ever.
+SEND_TIMEOUT_S = 60.0
 
 
 class OpenAIServing:
@@ -107,9 +115,25 @@ class OpenAIServing:
                 yield item
         finally:
             await iterator.aclose()
-            for stream in streams:
-                if not stream.finished:
-                    self.llm.abort(stream.request_id)
+            self.abort_unfinished(streams)
+
+    def abort_unfinished(self, streams: Sequence[RequestStream]) -> None:
+        for stream in streams:
+            if not stream.finished:
+                self.llm.abort(stream.request_id)
+
+    def sse(self, content: AsyncIterator[str], streams: Sequence[RequestStream]) -> SSEResponse:
+        """The event stream of `content`; however the response ends, `streams` end too."""
+        return SSEResponse(content, on_close=lambda: self.abort_unfinished(streams))
+
+    async def until_disconnect(
+        self, request: Request, work: Awaitable[Response], streams: Sequence[RequestStream]
+    ) -> Response:
+        """A non-streaming answer; a disconnect cancels it, and `streams` end either way."""
+        try:
+            return await until_disconnect(request.receive, work)
+        finally:
+            self.abort_unfinished(streams)
 
 
 async def _single(stream: RequestStream) -> AsyncIterator[tuple[int, RequestDelta]]:
@@ -118,29 +142,25 @@ async def _single(stream: RequestStream) -> AsyncIterator[tuple[int, RequestDelt
 
 
 async def _merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestDelta]]:
-    queue: asyncio.Queue[tuple[int, RequestDelta | BaseException | None]] = asyncio.Queue()
+    """Deltas of several streams as they come, one read pending per stream.
 
-    async def pump(i: int, stream: RequestStream) -> None:
-        try:
-            async for delta in stream:
-                queue.put_nowait((i, delta))
-        except Exception as e:
-            queue.put_nowait((i, e))
-        queue.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    Reading only when the consumer asks keeps unread deltas in their streams, where
+    they are merged, instead of in a queue of their own.
+    """
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
     try:
-        remaining = len(streams)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                i = pending.pop(task)
+                try:
+                    delta = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, delta
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
     finally:
-        for task in tasks:
+        for task in pending:
             task.cancel()
 
 
@@ -190,42 +210,61 @@ def sse_error(error: BaseException) -> str:
 
 
 class SSEResponse(StreamingResponse):
-    """Server-sent events whose generator is closed (so its requests aborted) however it ends."""
+    """Server-sent events that end early when the client leaves or stops reading.
 
-    def __init__(self, content: AsyncIterator[str]) -> None:
+    `on_close` runs however the response ends, even if the client left before the
+    first chunk, when the body's generator never started (so its `finally` never runs).
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
         super().__init__(
             content,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_or_give_up(message: Message) -> None:
+            await asyncio.wait_for(send(message), SEND_TIMEOUT_S)
+
         try:
-            await super().__call__(scope, receive, send)
+            await until_disconnect(receive, super().__call__(scope, _never, send_or_give_up))
+        except TimeoutError:
+            logger.warning("a client read nothing for %.0f s; its stream is ended", SEND_TIMEOUT_S)
         finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                self.on_close()
 
 
-async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
-    """Run a non-streaming handler, cancelling it (and so aborting its requests) on disconnect."""
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T | Response:
+    """`work`, cancelled if the client disconnects first (then a 499 nobody will read)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
         task.cancel()
-        return Response(status_code=499)  # nobody is left to read it
+        return Response(status_code=499)
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
 
 
-async def _wait_disconnect(request: Request) -> None:
+async def _wait_disconnect(receive: Receive) -> None:
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def _never() -> Message:
+    """A receive for Starlette's own disconnect listener: this class listens instead."""
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")

@@ -8,6 +8,7 @@ with no choices carries the usage.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,6 @@ from pagedllm.entrypoints.openai.errors import bad_request
 from pagedllm.entrypoints.openai.protocol import SAMPLING_PARAM_NAMES, ChatCompletionRequest
 from pagedllm.entrypoints.openai.serving_base import (
     OpenAIServing,
-    SSEResponse,
     finite,
     new_id,
     now_s,
@@ -28,7 +28,6 @@ from pagedllm.entrypoints.openai.serving_base import (
     sse_error,
     token_text,
     top_entries,
-    until_disconnect,
     usage,
 )
 from pagedllm.outputs import Logprob
@@ -52,15 +51,16 @@ class ChatServing(OpenAIServing):
         """The conversation's prompt token ids (ValueError when the template refuses it)."""
         if not body.messages:
             raise ValueError("messages must not be empty")
-        messages = [m.to_template() for m in body.messages]
 
         def encode() -> list[int]:
+            messages = [m.to_template() for m in body.messages]
             text = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=body.add_generation_prompt is not False
             )
             return self.tokenizer.encode(text, add_special_tokens=False)
 
-        return await self.off_loop(encode, sum(len(m["content"]) for m in messages))
+        # Always off the loop: a template's cost depends on the template, not on the text.
+        return await asyncio.to_thread(encode)
 
     async def create(self, body: ChatCompletionRequest, raw: Request) -> Response:
         model = self.check_model(body.model)
@@ -75,8 +75,10 @@ class ChatServing(OpenAIServing):
         header = {"id": request_id, "created": now_s(), "model": model}
         num = params.logprobs
         if body.stream:
-            return SSEResponse(self._stream(body, header, len(prompt_ids), stream, num))
-        return await until_disconnect(raw, self._full(body, header, len(prompt_ids), stream, num))
+            return self.sse(self._stream(body, header, len(prompt_ids), stream, num), [stream])
+        return await self.until_disconnect(
+            raw, self._full(body, header, len(prompt_ids), stream, num), [stream]
+        )
 
     async def _full(
         self,

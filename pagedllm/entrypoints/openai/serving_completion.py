@@ -18,7 +18,6 @@ from pagedllm.entrypoints.openai.errors import APIError, bad_request
 from pagedllm.entrypoints.openai.protocol import SAMPLING_PARAM_NAMES, CompletionRequest
 from pagedllm.entrypoints.openai.serving_base import (
     OpenAIServing,
-    SSEResponse,
     finite,
     new_id,
     now_s,
@@ -26,7 +25,6 @@ from pagedllm.entrypoints.openai.serving_base import (
     sse_error,
     token_text,
     top_entries,
-    until_disconnect,
     usage,
 )
 from pagedllm.outputs import Logprob
@@ -65,17 +63,22 @@ class CompletionServing(OpenAIServing):
         header = {"id": request_id, "created": now_s(), "model": model}
         num = body.logprobs
         if body.stream:
-            return SSEResponse(self._stream(body, header, prompts, streams, num))
-        return await until_disconnect(raw, self._full(body, header, prompts, streams, num))
+            return self.sse(self._stream(body, header, prompts, streams, num), streams)
+        return await self.until_disconnect(
+            raw, self._full(body, header, prompts, streams, num), streams
+        )
 
     async def _prompt(self, prompt: str | list[int]) -> _Prompt:
+        def prepare() -> _Prompt:
+            ids = self.llm.tokenize_prompt(prompt)
+            if isinstance(prompt, str):
+                return _Prompt(prompt, ids)
+            return _Prompt(self.tokenizer.decode(ids, skip_special_tokens=False), ids)
+
         try:
-            ids = await self.off_loop(lambda: self.llm.tokenize_prompt(prompt), len(prompt))
+            return await self.off_loop(prepare, len(prompt))
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from e
-        if isinstance(prompt, str):
-            return _Prompt(prompt, ids)
-        return _Prompt(self.tokenizer.decode(ids, skip_special_tokens=False), ids)
 
     async def _full(
         self,

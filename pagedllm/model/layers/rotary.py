@@ -32,6 +32,8 @@ def rope_frequencies(
         return default_inv_freq(head_dim, base), 1.0
     assert scaling is not None
     factor = float(scaling["factor"])
+    if not factor > 0:
+        raise ValueError(f"factor {factor} is not positive")
     if kind == "linear":
         return default_inv_freq(head_dim, base) / factor, 1.0
     if kind == "dynamic":
@@ -104,7 +106,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embeddings to q and k of a flat batch, indexed by position."""
+    """Applies rotary embeddings to q and k of a flat batch, indexed by position.
+
+    The table has `max_positions` rows, so positions must stay below it. Callers size it
+    by the longest sequence they run (the engine's max_model_len), not by the file's
+    context length, which a GGUF may set to 2²⁴ (a table of gigabytes).
+    """
 
     def __init__(
         self,

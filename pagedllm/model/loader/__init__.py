@@ -89,19 +89,40 @@ def load_model(
     device: str | torch.device = "cpu",
     *,
     exact_matmul: bool = False,
+    max_model_len: int | None = None,
 ) -> torch.nn.Module:
     """Build the model class registered for the file's architecture and fill its weights.
 
     On the CPU a GGUF's quantized matrices are kept as the file's blocks (the only copy);
     `exact_matmul` multiplies them in float32 from their exact values instead of with
     int8 activations, so the logits match a float32 reference (transformers).
+    `max_model_len` (default: the model's context length) is the longest sequence the
+    caller will run: the rotary table gets that many positions, not the file's context
+    length, which can be 2²⁴. Longer than the context is a ValueError.
     """
     from pagedllm.model.models.registry import model_class_for
 
     device = torch.device(device)
     path, config, tensors = load_tensors(model, dtype, quantized=computes_from_blocks(device))
+    check_max_model_len(max_model_len, config)
     cls = model_class_for(config.architecture, path)
     with torch.device("meta"):
         module = cls(config)
-    module.load_weights(tensors, path, dtype=dtype, device=device, exact_matmul=exact_matmul)
+    module.load_weights(
+        tensors,
+        path,
+        dtype=dtype,
+        device=device,
+        exact_matmul=exact_matmul,
+        max_positions=max_model_len,
+    )
     return module.eval()
+
+
+def check_max_model_len(max_model_len: int | None, config: ModelArchConfig) -> None:
+    """A requested max_model_len must fit in the model's context (None means the context)."""
+    context = config.max_position_embeddings
+    if max_model_len is not None and max_model_len > context:
+        raise ValueError(
+            f"max_model_len ({max_model_len}) is longer than the model's context ({context})"
+        )

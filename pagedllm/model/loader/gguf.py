@@ -18,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
-from pagedllm.model.config import ModelArchConfig
+from pagedllm.model.config import MAX_CONTEXT, MAX_VOCAB, MAX_WIDTH, ModelArchConfig
 from pagedllm.model.layers.quantized import QUANT_TYPES, QuantizedWeight
 from pagedllm.model.loader.errors import ModelLoadError
 from pagedllm.model.loader.gguf_header import check_gguf_header
@@ -28,12 +28,6 @@ GGUF_MAGIC = b"GGUF"
 # Types we dequantize: every type the gguf package can dequantize.
 _UNQUANTIZED = {GGMLQuantizationType.F32, GGMLQuantizationType.F16}
 SUPPORTED_TYPES = _UNQUANTIZED | set(gguf_quants._type_traits)
-
-# Bounds on config numbers, far beyond any real model, so a corrupt value fails here
-# rather than building billions of layers or a rotary table of 2³² positions.
-MAX_WIDTH = 1 << 20  # hidden size, FFN size, heads, head size
-MAX_CONTEXT = 1 << 24
-MAX_VOCAB = 1 << 24
 
 # Architectures whose Q/K rows llama.cpp's converter permuted (for its interleaved rotary).
 _PERMUTED_QK_ARCHS = {"llama", "mistral"}
@@ -83,7 +77,15 @@ def open_gguf(path: str | Path) -> GGUFReader:
     check_gguf_header(path)  # every declared size fits the file: the reader stays in bounds
     try:
         reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, MemoryError, UnicodeDecodeError) as e:
+    except (
+        ValueError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        ZeroDivisionError,  # an alignment of 0, in gguf versions that do not check it
+        MemoryError,
+        UnicodeDecodeError,
+    ) as e:
         raise ModelLoadError(path, f"truncated or corrupt GGUF file ({e})") from e
     for tensor in reader.tensors:
         if tensor.tensor_type not in SUPPORTED_TYPES:
@@ -125,7 +127,14 @@ def read_config(path: str | Path, reader: GGUFReader | None = None) -> ModelArch
         raise ModelLoadError(
             path, f"{num_heads} attention heads cannot be shared by {num_kv_heads} KV heads"
         )
-    head_dim = meta.integer(a + "attention.key_length", 0, low=0) or hidden // num_heads
+    head_dim = meta.integer(a + "attention.key_length", 0, low=0)
+    if not head_dim and hidden % num_heads:
+        raise ModelLoadError(
+            path,
+            f"{a}embedding_length = {hidden} is not divisible by {a}attention.head_count = "
+            f"{num_heads} (and {a}attention.key_length is not given)",
+        )
+    head_dim = head_dim or hidden // num_heads
     if head_dim < 2 or head_dim % 2:
         raise ModelLoadError(path, f"the head size {head_dim} is not an even number >= 2")
     tokens = meta.raw.get("tokenizer.ggml.tokens")
@@ -136,7 +145,7 @@ def read_config(path: str | Path, reader: GGUFReader | None = None) -> ModelArch
     if template is not None and not isinstance(template, str):
         raise ModelLoadError(path, "metadata tokenizer.chat_template is not a string")
     name = meta.raw.get("general.name")
-    return ModelArchConfig(
+    config = ModelArchConfig(
         architecture=arch,
         num_layers=num_layers,
         hidden_size=hidden,
@@ -157,6 +166,24 @@ def read_config(path: str | Path, reader: GGUFReader | None = None) -> ModelArch
         chat_template=template,
         name=name if isinstance(name, str) and name else Path(path).stem,
     )
+    config.validate(path, _gguf_names(a))
+    return config
+
+
+def _gguf_names(a: str) -> dict[str, str]:
+    """ModelArchConfig fields → the metadata keys they come from, for error messages."""
+    return {
+        "num_layers": a + "block_count",
+        "hidden_size": a + "embedding_length",
+        "num_heads": a + "attention.head_count",
+        "num_kv_heads": a + "attention.head_count_kv",
+        "head_dim": a + "attention.key_length",
+        "intermediate_size": a + "feed_forward_length",
+        "vocab_size": a + "vocab_size",
+        "rms_norm_eps": a + "attention.layer_norm_rms_epsilon",
+        "rope_theta": a + "rope.freq_base",
+        "max_position_embeddings": a + "context_length",
+    }
 
 
 class _Metadata:

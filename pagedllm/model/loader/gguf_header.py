@@ -28,6 +28,8 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_ELEMENTS = 1 << 22
 # Arrays of arrays are legal; the reader recurses into them, so their depth is bounded.
 MAX_ARRAY_DEPTH = 8
+ALIGNMENT_KEY = "general.alignment"
+DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "B",
@@ -151,13 +153,13 @@ def _walk(data: mmap.mmap | bytes) -> None:
     tensor_count = header.u64("the tensor count")
     kv_count = header.u64("the metadata count")
     header.need(kv_count * _MIN_KV_BYTES, f"{kv_count:,} metadata entries")
-    alignment = 32
+    alignment = DEFAULT_ALIGNMENT
     for i in range(kv_count):
         key = header.string(f"metadata key #{i}")
         kind = header.value_type(f"metadata {key!r}")
         value = header.skip_value(kind, f"metadata {key!r}")
-        if key == "general.alignment" and isinstance(value, int) and value > 0:
-            alignment = value
+        if key == ALIGNMENT_KEY:
+            alignment = _check_alignment(kind, value)
     header.need(tensor_count * _MIN_TENSOR_INFO_BYTES, f"{tensor_count:,} tensor descriptions")
     tensors = [_tensor_info(header, i) for i in range(tensor_count)]
     data_start = -(-header.offset // alignment) * alignment
@@ -168,6 +170,17 @@ def _walk(data: mmap.mmap | bytes) -> None:
                 f"tensor {name!r} ({n_bytes:,} bytes) ends at byte {end:,}, past the end of "
                 f"the file ({header.size:,} bytes)"
             )
+
+
+def _check_alignment(kind: GGUFValueType, value: object) -> int:
+    """general.alignment as llama.cpp accepts it: a uint32 power of two. Tensor data
+    offsets are rounded up to it, so 0 would divide by zero and others misplace the data."""
+    if kind != GGUFValueType.UINT32:
+        raise _Corrupt(f"{ALIGNMENT_KEY} has type {kind.name}, expected UINT32")
+    assert isinstance(value, int)
+    if value <= 0 or value & (value - 1):
+        raise _Corrupt(f"{ALIGNMENT_KEY} = {value} is not a positive power of two")
+    return value
 
 
 def _tensor_info(header: _Walker, i: int) -> tuple[str, int, int]:

@@ -16,8 +16,17 @@ from pagedllm.model.loader.errors import ModelLoadError
 _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
+# ModelArchConfig fields → config.json keys, for error messages
+_HF_NAMES = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
+
+
 def read_config(folder: str | Path) -> ModelArchConfig:
-    """The architecture config of a Hugging Face folder, from its config.json."""
+    """The architecture config of a Hugging Face folder, from its config.json; every size
+    is checked, so a bad one is a ModelLoadError naming config.json and the key."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -32,32 +41,31 @@ def read_config(folder: str | Path) -> ModelArchConfig:
     arch = _MODEL_TYPES.get(model_type, model_type)
     if not isinstance(arch, str):
         raise ModelLoadError(config_path, "config.json has no model_type")
-
-    def need(key: str) -> Any:
-        if key not in raw:
-            raise ModelLoadError(config_path, f"config.json is missing {key!r}")
-        return raw[key]
-
-    hidden = int(need("hidden_size"))
-    num_heads = int(need("num_attention_heads"))
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    fields = _Fields(config_path, raw)
+    hidden = fields.integer("hidden_size")
+    num_heads = fields.integer("num_attention_heads")
+    rope_key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    rope = raw.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise ModelLoadError(config_path, f"{rope_key} = {rope!r} is not a JSON object")
+    # rope_parameters' rope_theta (transformers v5) wins over the top-level one
+    rope_theta = _Fields(config_path, raw | rope).number("rope_theta", 10000.0)
     rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     rope_scaling.setdefault("rope_type", rope_scaling.pop("type", "default"))
     tokenizer_config = _read_json(folder / "tokenizer_config.json")
-    return ModelArchConfig(
+    config = ModelArchConfig(
         architecture=arch,
-        num_layers=int(need("num_hidden_layers")),
+        num_layers=fields.integer("num_hidden_layers"),
         hidden_size=hidden,
         num_heads=num_heads,
-        num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-        head_dim=int(raw.get("head_dim") or hidden // num_heads),
-        intermediate_size=int(need("intermediate_size")),
-        vocab_size=int(need("vocab_size")),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        num_kv_heads=fields.integer("num_key_value_heads", num_heads),
+        head_dim=_head_dim(fields, hidden, num_heads),
+        intermediate_size=fields.integer("intermediate_size"),
+        vocab_size=fields.integer("vocab_size"),
+        rms_norm_eps=fields.number("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
         rope_scaling=None if rope_scaling["rope_type"] == "default" else rope_scaling,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        max_position_embeddings=fields.integer("max_position_embeddings", 2048),
         attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=_first_int(raw.get("bos_token_id")),
@@ -66,6 +74,55 @@ def read_config(folder: str | Path) -> ModelArchConfig:
         chat_template=tokenizer_config.get("chat_template"),
         name=folder.name,
     )
+    config.validate(config_path, _HF_NAMES)
+    return config
+
+
+class _Fields:
+    """Typed reads of config.json values; a wrong type is a ModelLoadError naming the key.
+
+    Only types are checked here: ModelArchConfig.validate checks the ranges.
+    """
+
+    def __init__(self, path: Path, raw: dict[str, Any]) -> None:
+        self.path = path
+        self.raw = raw
+
+    def _get(self, key: str, default: Any) -> Any:
+        """The value of `key`; a missing or null one is `default` (missing if that is None)."""
+        value = self.raw.get(key)
+        if value is None:
+            value = default
+        if value is None:
+            raise ModelLoadError(self.path, f"config.json is missing {key!r}")
+        return value
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ModelLoadError(self.path, f"{key} = {value!r} is not an integer")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ModelLoadError(self.path, f"{key} = {value!r} is not a number")
+        return float(value)
+
+
+def _head_dim(fields: _Fields, hidden: int, num_heads: int) -> int:
+    """config.json's head_dim, or the hidden size split evenly over the heads."""
+    if fields.raw.get("head_dim") is not None:
+        return fields.integer("head_dim")
+    if num_heads <= 0:
+        return 0  # validate() reports num_attention_heads, which it checks first
+    if hidden % num_heads:
+        raise ModelLoadError(
+            fields.path,
+            f"hidden_size = {hidden} is not divisible by num_attention_heads = {num_heads} "
+            "(and head_dim is not given)",
+        )
+    return hidden // num_heads
 
 
 def _read_json(path: Path) -> dict[str, Any]:

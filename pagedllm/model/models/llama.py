@@ -254,11 +254,13 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         exact_matmul: bool = False,
+        max_positions: int | None = None,
     ) -> None:
         """Check names and shapes against the config, fuse projections, move to device.
 
         Quantized weights (`QuantizedWeight`) stay as they are: fused layers stack their
-        parts' rows; `exact_matmul` is passed to every linear layer.
+        parts' rows; `exact_matmul` is passed to every linear layer. The rotary table
+        covers positions below `max_positions` (default: the config's context length).
         """
         check_shapes(self.expected_shapes(), {k: tuple(v.shape) for k, v in tensors.items()}, path)
         c = self.config
@@ -294,23 +296,29 @@ class LlamaForCausalLM(nn.Module):
             linear(layer.mlp.down_proj, [mlp + "down_proj.weight"])
             layer.input_layernorm.weight = dense(src + "input_layernorm.weight")
             layer.post_attention_layernorm.weight = dense(src + "post_attention_layernorm.weight")
-        self.rotary = self._build_rotary(tensors.get("rope_freqs"), path).to(device)  # type: ignore[arg-type]
+        positions = max_positions or c.max_position_embeddings
+        rope_freqs = tensors.get("rope_freqs")
+        self.rotary = self._build_rotary(rope_freqs, path, positions).to(device)  # type: ignore[arg-type]
         self.fused_decode = dtype == torch.float32 and all(
             layer.can_fuse_decode() for layer in self.layers
         )
         for layer in self.layers if self.fused_decode else ():
             layer.gather_decode_parts()
 
-    def _build_rotary(self, rope_freqs: torch.Tensor | None, path: str | Path) -> RotaryEmbedding:
+    def _build_rotary(
+        self, rope_freqs: torch.Tensor | None, path: str | Path, max_positions: int
+    ) -> RotaryEmbedding:
+        """The cos/sin table for positions below `max_positions`; the scaling formulas still
+        see the config's own context length, so the angles do not depend on the table size."""
         c = self.config
         try:
             inv_freq, scaling = rope_frequencies(
                 c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings
             )
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
             raise ModelLoadError(path, f"bad rope scaling {c.rope_scaling!r}: {e}") from e
         if rope_freqs is not None:  # llama.cpp stores Llama-3 scaling as per-frequency divisors
             if rope_freqs.numel() != inv_freq.numel():
                 raise ModelLoadError(path, f"rope_freqs has {rope_freqs.numel()} entries")
             inv_freq = inv_freq / rope_freqs.float().flatten()
-        return RotaryEmbedding(c.head_dim, c.max_position_embeddings, inv_freq, scaling)
+        return RotaryEmbedding(c.head_dim, max_positions, inv_freq, scaling)
