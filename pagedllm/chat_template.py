@@ -69,7 +69,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from jinja2.utils import Namespace, generate_lorem_ipsum
 
-RENDER_SECONDS = 2.0
+RENDER_SECONDS = 0.5  # the largest allowed conversation (4096 messages, 3.8 MB) renders in 0.07 s
 BASE_SIZE_LIMIT = 1 << 20  # characters (or container items) one value or the output may hold
 INPUT_SIZE_FACTOR = 4  # ... plus this many times the size of the input
 WORK_FACTOR = 64  # everything made in one render: at most this many size limits

@@ -204,7 +204,7 @@ HOSTILE = {
     "set block output": (
         "{% set s = 'x' * 1000000 %}{% set t %}{% for i in range(100000) %}{{ s }}"
         "{% endfor %}{% endset %}{{ t|length }}",
-        "size limit",
+        "limit",  # size or time, whichever comes first
     ),
     "printed list": (
         "{% set s = ['x' * 1000000] %}{% for i in range(100000) %}{{ s }}{% endfor %}",

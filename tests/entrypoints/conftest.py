@@ -19,15 +19,22 @@ MODEL = "smol"
 class ServerThread:
     """uvicorn serving an ASGI app in a background thread; `url` once started."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, send_buffer_bytes: int | None = None) -> None:
+        """`send_buffer_bytes` fixes each connection's kernel send buffer (no autotuning),
+        so a client that stops reading blocks the server's writes within a few KB."""
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_buffer_bytes is not None:  # accepted sockets inherit it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> ServerThread:

@@ -25,7 +25,8 @@ def test_bounded_load_leaves_the_server_idle_unchanged_and_correct():
     print(report.summary())
     assert not report.problems, report.summary()
     kinds = Counter(o.kind for o in report.outcomes)
-    assert kinds["ok"] and kinds["cut"] and kinds["refused"], kinds
+    assert kinds["ok"] and kinds["cut"] and kinds["left"] and kinds["refused"], kinds
+    assert len(report.leavers) == 2  # both probes left before the first byte
     assert len(report.outcomes) == 128
     assert report.preemptions > 0  # the small pool forced some
     assert status == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import json.scanner
 import logging
@@ -67,23 +68,34 @@ Body = TypeVar("Body", bound=BaseModel)
 
 # Bodies up to this size are validated on the event loop (well under a millisecond).
 _INLINE_BODY_BYTES = 65_536
+# Bodies with up to this many JSON values (counted by commas and brackets) go to
+# pydantic's Rust parser, which holds the GIL for about 10 ms at this count.
+_FAST_PARSE_VALUES = 100_000
 
 
 async def parse(request: Request, model: type[Body]) -> Body:
     """Read the body (size-limited by the guard) and validate it; errors become 400s.
 
-    A bigger body is decoded in a worker thread by the pure-Python JSON decoder, which
-    lets other threads run between tokens: the C and Rust parsers hold the GIL for
-    their whole run, half a second or more on 4 MB of tiny arrays, and `/health`
-    would wait that long. The decoded data is then validated by pydantic, which
-    refuses over-long lists from their length before reading their items.
+    A big body is parsed in a worker thread. One made of very many small values
+    (a million-item list) is decoded by the pure-Python JSON decoder, which lets
+    other threads run between values: the C and Rust parsers hold the GIL for their
+    whole run (half a second and more on 4 MB of tiny arrays), and `/health` would
+    wait that long. The decoded data is then validated by pydantic, which refuses
+    an over-long list from its length before reading its items.
     """
     body = await request.body()
-    if len(body) <= _INLINE_BODY_BYTES:
+
+    def validate_json() -> Body:
         try:
             return model.model_validate_json(body)
         except ValidationError as e:
             raise validation_error(e) from None
+
+    if len(body) <= _INLINE_BODY_BYTES:
+        return validate_json()
+    values = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if values <= _FAST_PARSE_VALUES:
+        return await asyncio.to_thread(validate_json)
 
     def decode_and_validate() -> Body:
         try:
@@ -244,6 +256,10 @@ def build_app(
     if (webui_dir / "static").is_dir():
         app.mount("/static", StaticFiles(directory=webui_dir / "static"), name="static")
     app.add_middleware(NoSniffMiddleware)
+    # Everything loaded so far (model, tokenizer, libraries) lives as long as the server:
+    # keep it out of the garbage collector's full passes, which otherwise walk it all
+    # (100+ ms holding the GIL) while a big request's JSON is being decoded.
+    gc.freeze()
     return app
 
 

@@ -17,9 +17,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedllm.core.scheduler import QueueFullError
@@ -146,6 +147,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def too_large(_: Request, exc: Exception) -> JSONResponse:
         return _too_large(str(exc)).response({"Connection": "close"})
 
+    async def client_left(_: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # left before its body was read: nobody to answer
+
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         # Engine failures (RequestFailedError, EngineDeadError) and bugs: still
         # OpenAI's shape rather than a plain-text 500. Starlette logs the traceback.
@@ -157,6 +161,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ValidationError, invalid)
     app.add_exception_handler(BodyTooLargeError, too_large)
+    app.add_exception_handler(ClientDisconnect, client_left)
 
 
 class BodyTooLargeError(Exception):

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from pagedllm.engine.async_llm import AsyncLLM, RequestDelta, RequestStream
@@ -232,6 +233,8 @@ class SSEResponse(StreamingResponse):
             await until_disconnect(receive, super().__call__(scope, _never, send_or_give_up))
         except TimeoutError:
             logger.warning("a client read nothing for %.0f s; its stream is ended", SEND_TIMEOUT_S)
+        except (ClientDisconnect, OSError):
+            pass  # the client left while a chunk was being sent: nobody is left to tell
         finally:
             try:
                 aclose = getattr(self.body_iterator, "aclose", None)
