@@ -555,11 +555,15 @@ async def run_load(
         health = await client.get("/health")
         if health.status_code != 200:
             report.problems.append(f"/health is {health.status_code}: {health.text[:200]}")
+    log = server.output().splitlines()
     report.server_errors = [
-        line
-        for line in server.output().splitlines()
-        if line.startswith("ERROR") or line.startswith("Traceback")
+        line for line in log if line.startswith("ERROR") or line.startswith("Traceback")
     ]
+    first = next((i for i, line in enumerate(log) if line.startswith("Traceback")), None)
+    if first is not None:
+        report.problems.append(
+            "the server logged a traceback:\n" + "\n".join(log[first : first + 60])
+        )
     failures = [o for o in report.warm_bad + report.outcomes if o.failed]
     for o in failures[:10]:
         report.problems.append(f"request failed: {o.kind} {o.detail}")

@@ -10,6 +10,7 @@ request is still answered.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -32,13 +33,32 @@ def llm():
     engine.shutdown()
 
 
+class ErrorLog(logging.Handler):
+    """Keeps what the server logs at ERROR: an exception escaping into uvicorn is a bug."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(self.format(record))
+
+
+SERVER_ERRORS = ErrorLog()
+
+
 @pytest.fixture(scope="module")
 def server(llm) -> Iterator[ServerThread]:
     from pagedllm.entrypoints.openai.api_server import allowed_hosts_for, build_app
 
     app = build_app(llm, [MODEL], allowed_hosts=allowed_hosts_for("127.0.0.1", None))
-    with ServerThread(app, send_buffer_bytes=8192) as running:
-        yield running
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(SERVER_ERRORS)
+    try:
+        with ServerThread(app, send_buffer_bytes=8192) as running:
+            yield running
+    finally:
+        uvicorn_log.removeHandler(SERVER_ERRORS)
 
 
 class HealthProbe:
@@ -106,8 +126,9 @@ def idle(url: str) -> bool:
 
 
 def assert_still_serving(url: str, llm) -> None:
-    """Nothing left running or holding blocks, and a normal request answered."""
+    """Nothing left running or holding blocks, no error logged, a normal request answered."""
     assert wait_for(lambda: idle(url), timeout=10)
+    assert not SERVER_ERRORS.records, SERVER_ERRORS.records[0]
     assert llm.is_running, llm.dead_error
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
     r = httpx.post(url + "/v1/completions", json=body, timeout=60)

@@ -258,6 +258,9 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T | Response
         watcher.cancel()
         if not task.done():
             task.cancel()
+        # Let the cancellation finish, so the body's generator is closed before anyone
+        # calls aclose() on it (which fails on a generator still running).
+        await asyncio.wait({task})
 
 
 async def _wait_disconnect(receive: Receive) -> None:
