@@ -10,7 +10,8 @@ sandbox alone keeps a template from Python's internals but not from hanging the 
 (`range(10**5)` loops nested) or exhausting its memory (`'a' * 10**10`), so this
 environment adds limits, each raising `TemplateLimitError` (a ValueError):
 
-* Time: rendering stops `RENDER_SECONDS` after it starts. The deadline is checked on
+* Time: rendering stops after `RENDER_SECONDS` of the thread's CPU time (or
+  `RENDER_WALL_SECONDS` of wall-clock time). The deadline is checked on
   every loop iteration (`range` is lazy, and the compiler wraps every `{% for %}`),
   call, filter, operator, output value and output chunk.
 * Size: no value and no output may exceed the render's size limit: `BASE_SIZE_LIMIT`
@@ -38,7 +39,6 @@ attribute outright: the sandbox alone renders a single unsafe lookup such as
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import types
@@ -69,7 +69,11 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from jinja2.utils import Namespace, generate_lorem_ipsum
 
-RENDER_SECONDS = 0.5  # the largest allowed conversation (4096 messages, 3.8 MB) renders in 0.07 s
+# CPU time of the rendering thread (the largest allowed conversation, 4096 messages and
+# 3.8 MB, takes 0.07 s), so renders competing for the GIL under load are not refused;
+# wall-clock time is bounded too, more loosely.
+RENDER_SECONDS = 0.5
+RENDER_WALL_SECONDS = 5.0
 BASE_SIZE_LIMIT = 1 << 20  # characters (or container items) one value or the output may hold
 INPUT_SIZE_FACTOR = 4  # ... plus this many times the size of the input
 WORK_FACTOR = 64  # everything made in one render: at most this many size limits
@@ -90,16 +94,19 @@ class _Budget:
     """The limits of one render, and what it has used of them."""
 
     limit: int
-    deadline: float
+    deadline: float  # of the thread's CPU time
+    wall_deadline: float
     produced: int = 0
 
     @classmethod
     def for_input(cls, input_size: int) -> _Budget:
         limit = BASE_SIZE_LIMIT + INPUT_SIZE_FACTOR * input_size
-        return cls(limit, time.monotonic() + RENDER_SECONDS)
+        return cls(
+            limit, time.thread_time() + RENDER_SECONDS, time.monotonic() + RENDER_WALL_SECONDS
+        )
 
     def tick(self) -> None:
-        if time.monotonic() > self.deadline:
+        if time.thread_time() > self.deadline or time.monotonic() > self.wall_deadline:
             raise TemplateLimitError(f"rendering ran past the time limit of {RENDER_SECONDS} s")
 
     def refuse_over(self, size: int, what: str) -> None:
@@ -136,13 +143,18 @@ class _Budget:
         self.charge(len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 1)
 
 
-# The budget of the render running in this thread (or task); outside a render (Jinja folds
-# constant expressions while it compiles) a fresh one with the base limit and no deadline.
+# The budget of the render running in this thread (or task).
 _ACTIVE: ContextVar[_Budget | None] = ContextVar("chat_template_budget", default=None)
 
 
 def _budget() -> _Budget:
-    return _ACTIVE.get() or _Budget(BASE_SIZE_LIMIT, math.inf)
+    """The active render's budget. Outside a render Jinja is folding constants while it
+    compiles (`'a'|center(10**6)` would be computed into the template's source, with no
+    limit): refusing makes Jinja leave the expression to run under the render's limits."""
+    budget = _ACTIVE.get()
+    if budget is None:
+        raise nodes.Impossible()
+    return budget
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -188,13 +200,13 @@ def _parts(value: Any) -> tuple[int, Collection[Any]]:
 def _measure(value: Any, stop: int) -> _Size:
     """The size of `value` through nested containers, counted only up to just past `stop`
     (so a list that holds the same big list a million times costs `stop` steps)."""
-    budget = _budget()
+    budget = _ACTIVE.get()  # None: measuring the input, before the render starts
     chars = items = depth = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, level = stack.pop()
         items += 1
-        if not items & 0xFFF:  # a walk of a million items takes about a second
+        if budget is not None and not items & 0xFFF:  # a million items take about a second
             budget.tick()
         if type(item) is str:  # the common case, inline: this loop is the hot path
             chars += len(item)
@@ -267,6 +279,8 @@ def _format_size(fmt: Any, values: Iterable[Any], percent: bool) -> int:
     fields = (_PERCENT_FIELD if percent else _BRACE_FIELD).findall(fmt)
     widths = [int(d) if len(d) < 19 else 10**18 for f in fields for d in _DIGITS.findall(f)]
     widths += [abs(v) for v in values if isinstance(v, int)]
+    # a nested field (`{:>{}}`) takes its width from an argument, which may be a string
+    widths += [int(v) for v in values if isinstance(v, str) and v.isdigit() and len(v) < 19]
     biggest = max((_weight(v) for v in values), default=0)
     return len(fmt) + len(fields) * (max(widths, default=0) + biggest)
 

@@ -201,6 +201,9 @@ HOSTILE = {
         "{% endfor %}{% endmacro %}{{ f()|length }}",
         "size limit",
     ),
+    # Jinja computes filters of constants while compiling, outside any render's limits
+    "constant-folded filters": ("{{ 'a'|center(1000000) }}" * 300, "limit"),
+    "format width from a string": ("{{ '{:>{}}'.format(1, '9999999999') }}", "size limit"),
     "set block output": (
         "{% set s = 'x' * 1000000 %}{% set t %}{% for i in range(100000) %}{{ s }}"
         "{% endfor %}{% endset %}{{ t|length }}",

@@ -243,7 +243,7 @@ def test_requests_a_web_page_could_forge_are_refused(server, llm, headers, statu
 
 
 def test_localhost_names_are_answered(server):
-    for host in ("localhost", f"localhost:{server.port}", "127.0.0.1", "[::1]:8000"):
+    for host in ("localhost", f"localhost:{server.port}", "127.0.0.1", "[::1]:8000", "localhost."):
         assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 200
 
 
@@ -371,3 +371,16 @@ def test_a_stream_that_never_starts_still_ends_its_requests():
     scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "headers": []}
     asyncio.run(response(scope, receive, send))
     assert closed == [True] and started == []
+
+
+def test_a_big_body_with_a_lone_surrogate_is_a_400_on_both_parsers(server, llm):
+    # many commas send the body to the pure-Python decoder, which would accept "\ud800"
+    body = '{"prompt": "\\ud800 hi", "user": "' + "," * 200_000 + '", "echo": true}'
+    headers = {"Content-Type": "application/json"}
+    r = httpx.post(server.url + "/v1/completions", content=body.encode(), headers=headers)
+    assert "not valid JSON" in assert_openai_error(r, 400)["message"]
+    small = httpx.post(
+        server.url + "/v1/completions", content=b'{"prompt": "\\ud800"}', headers=headers
+    )
+    assert_openai_error(small, 400)
+    assert_still_serving(server.url, llm)

@@ -100,6 +100,7 @@ async def parse(request: Request, model: type[Body]) -> Body:
     def decode_and_validate() -> Body:
         try:
             data = _GIL_FRIENDLY_JSON.decode(body.decode("utf-8"))
+            _refuse_lone_surrogates(data)
         except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, NaN, deep nesting
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         try:
@@ -108,6 +109,24 @@ async def parse(request: Request, model: type[Body]) -> Body:
             raise validation_error(e) from None
 
     return await asyncio.to_thread(decode_and_validate)
+
+
+def _refuse_lone_surrogates(data: object) -> None:
+    """Raise UnicodeEncodeError for a string holding half a surrogate pair (`"\\ud800"`).
+
+    Python's decoder accepts them and pydantic's refuses them; such text could never be
+    sent back as UTF-8. A loop, not recursion, and Python-level, so the GIL is shared.
+    """
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            value.encode("utf-8")
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def _reject_constant(name: str) -> None:

@@ -226,7 +226,8 @@ class GuardMiddleware:
     def _refusal(self, method: str, path: str, headers: dict[bytes, bytes]) -> APIError | None:
         """Why the request is refused before its body is read, if it is."""
         host = host_name(headers.get(b"host", b"").decode("latin-1"))
-        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+        # No Host at all is an HTTP/1.0 client, never a browser (browsers always send it).
+        if self.allowed_hosts is not None and host and host not in self.allowed_hosts:
             return APIError(
                 403,
                 f"this server does not answer to the host {host!r}; start it with "
@@ -265,11 +266,12 @@ class GuardMiddleware:
 
 
 def host_name(host: str) -> str:
-    """The name in a Host header, without its port: `[::1]:8000` → `[::1]`."""
+    """The name in a Host header, without its port or a final dot: `[::1]:8000` → `[::1]`."""
     host = host.strip().lower()
     if host.startswith("["):
         return host[: host.find("]") + 1]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name.removesuffix(".")
 
 
 async def send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
