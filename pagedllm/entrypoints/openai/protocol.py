@@ -159,9 +159,7 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         if isinstance(p[0], int):
             return [p]  # type: ignore[list-item]
-        if len(p) > MAX_PROMPTS:
-            raise ValueError(f"prompt may list at most {MAX_PROMPTS} prompts, got {len(p)}")
-        n = self.n or 1
+        n = self.n or 1  # the schema bounds the list itself at MAX_PROMPTS
         if n * len(p) > MAX_SEQUENCES_PER_REQUEST:
             raise ValueError(
                 f"prompt lists {len(p)} prompts with n={n}: {n * len(p)} sequences, "

@@ -109,14 +109,17 @@ class OpenAIServing:
     async def merged(
         self, streams: Sequence[RequestStream]
     ) -> AsyncIterator[tuple[int, RequestDelta]]:
-        """(prompt index, delta) from every stream as they come; leaving early aborts them all."""
+        """(prompt index, delta) from every stream as they come.
+
+        Ending early aborts nothing here: `sse` and `until_disconnect` abort the streams
+        when the response ends, which covers a reader that never started as well.
+        """
         iterator = _single(streams[0]) if len(streams) == 1 else _merge(streams)
         try:
             async for item in iterator:
                 yield item
         finally:
             await iterator.aclose()
-            self.abort_unfinished(streams)
 
     def abort_unfinished(self, streams: Sequence[RequestStream]) -> None:
         for stream in streams:
@@ -252,8 +255,7 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T | Response
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
-        task.cancel()
-        return Response(status_code=499)
+        return Response(status_code=499)  # the work is cancelled below
     finally:
         watcher.cancel()
         if not task.done():
