@@ -24,16 +24,22 @@ class ServerThread:
         so a client that stops reading blocks the server's writes within a few KB."""
         import uvicorn
 
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if send_buffer_bytes is not None:  # accepted sockets inherit it
+        if send_buffer_bytes is None:  # uvicorn binds its own socket, as `pagedllm serve` does
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+            sockets = None
+        else:  # a socket of our own, whose accepted connections inherit the buffer size
+            sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning")
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+            config = uvicorn.Config(app, log_level="warning")
+            sockets = [sock]
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+            target=self.server.run, kwargs={"sockets": sockets}, daemon=True
         )
         self.url = f"http://127.0.0.1:{self.port}"
 
