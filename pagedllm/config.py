@@ -85,6 +85,8 @@ def _check_bool(name: str, value: object) -> None:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# vLLM's names; fp8 means e4m3; auto: the model's dtype (attention/kv_cache.py maps them)
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -98,6 +100,7 @@ class EngineArgs:
 
     model: str | None = None  # GGUF file or Hugging Face folder; None: the default model
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     device: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -119,6 +122,10 @@ class EngineArgs:
             _check_int("threads", self.threads, minimum=1, maximum=4096)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
+            )
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be one of {DEVICES} or cuda:N, got {self.device!r}")
         if self.max_model_len is not None:
@@ -159,6 +166,9 @@ class EngineArgs:
 ENGINE_ARG_HELP = {
     "model": "GGUF file or Hugging Face folder (default: the bundled SmolLM2-135M-Instruct Q4_1)",
     "dtype": "weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA",
+    "kv_cache_dtype": "KV-cache storage: auto (the model's dtype), float32, bfloat16, float16, "
+    "int8 (a scale per token and head), fp8 (= fp8_e4m3) or fp8_e5m2 (a scale per layer); "
+    "int8 and fp8 fit ~4x the tokens of float32 in the same --kv-cache-memory",
     "device": "cpu, cuda or cuda:N; auto uses CUDA when present",
     "block_size": "tokens per KV-cache block",
     "num_kv_blocks": "KV-cache blocks (overrides --kv-cache-memory)",

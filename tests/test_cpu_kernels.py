@@ -13,6 +13,7 @@ import torch
 
 from pagedllm import cpu_kernels
 from pagedllm.model.layers import quantized
+from pagedllm.worker.kv_cache import allocate_kv_cache
 
 SOURCE = quantized.SOURCE
 
@@ -102,7 +103,7 @@ def test_no_compiler_falls_back_to_dense_weights(fresh_cache, monkeypatch, tmp_p
 
     def logits(model):
         c = model.config
-        kv = [torch.zeros(2, 4, 16, c.num_kv_heads, c.head_dim) for _ in range(c.num_layers)]
+        kv = allocate_kv_cache(c, 4, 16, torch.float32, torch.device("cpu"))
         meta = AttentionMetadata.build([5], [5], [[0]], 16)
         with torch.no_grad():
             return model.compute_logits(model(torch.arange(5), meta.positions, kv, meta))

@@ -1,8 +1,9 @@
 """Decode attention on the CPU straight from the paged KV cache (the C kernel in `csrc/`).
 
 The torch path copies every decode sequence's blocks into one padded tensor before SDPA;
-this one reads each key and value once, in place. Used for float32 caches on the CPU
-when the kernel builds; `torch_backend` falls back to the gather otherwise.
+this one reads each key and value once, in place, in the cache's storage format (float32,
+bf16, f16, int8, fp8), widening a head's row at a time. Used on the CPU for float32
+queries when the kernel builds; `torch_backend` falls back to the gather otherwise.
 """
 
 from __future__ import annotations
@@ -13,16 +14,53 @@ from pathlib import Path
 import torch
 
 from pagedllm import cpu_kernels
+from pagedllm.attention.kv_cache import Fp8KVCache, Int8KVCache, KVCache
 from pagedllm.attention.metadata import AttentionMetadata
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_decode.c"
 
 
-_INT, _PTR = ctypes.c_int, ctypes.c_void_p
-# paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, num_seqs,
-#   max_blocks, block_size, num_kv_heads, group, head_dim, scale, out, num_threads)
-ARGTYPES = (_PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _INT, _INT, _INT, ctypes.c_float)
-ARGTYPES += (_PTR, _INT)
+_INT, _PTR, _FLOAT = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+MAX_HEAD_DIM = 256  # paged_decode.c's row buffer
+
+
+class PagedKV(ctypes.Structure):
+    """paged_decode.c's `paged_kv`: one layer's cache as the kernels see it."""
+
+    _fields_ = [
+        ("key", _PTR),
+        ("value", _PTR),
+        ("key_scales", _PTR),
+        ("value_scales", _PTR),
+        ("key_scale", _FLOAT),
+        ("value_scale", _FLOAT),
+        ("format", _INT),
+        ("block_size", _INT),
+        ("num_kv_heads", _INT),
+        ("head_dim", _INT),
+    ]
+
+
+def c_view(cache: KVCache) -> int:
+    """The address of the cache's `paged_kv`, built once and kept on the cache."""
+    if cache.c_view is None:
+        key_scales = value_scales = None
+        key_scale = value_scale = 1.0
+        if isinstance(cache, Int8KVCache):
+            key_scales, value_scales = cache.scales[0].data_ptr(), cache.scales[1].data_ptr()
+        if isinstance(cache, Fp8KVCache):
+            key_scale, value_scale = cache.key_scale, cache.value_scale
+        cache.c_view = PagedKV(
+            cache.data[0].data_ptr(), cache.data[1].data_ptr(), key_scales, value_scales,
+            key_scale, value_scale, cache.format, cache.block_size, cache.num_kv_heads,
+            cache.head_dim,
+        )  # fmt: skip
+    return ctypes.addressof(cache.c_view)  # type: ignore[arg-type]
+
+
+# paged_decode_attention(query, kv, block_tables, seq_lens, num_seqs, max_blocks, group,
+#   scale, out, num_threads)
+ARGTYPES = (_PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT, _FLOAT, _PTR, _INT)
 
 
 def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -30,49 +68,51 @@ def paged_decode_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defin
     return cpu_kernels.kernel(SOURCE, "paged_decode_attention", ARGTYPES)
 
 
-def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether the C kernels take this query and cache (CPU, float32, power-of-two blocks)."""
-    block_size = kv_cache.shape[2]
+def supports(query: torch.Tensor, kv_cache: KVCache) -> bool:
+    """Whether the C kernels take this query and cache (CPU, float32 queries, power-of-two
+    blocks, rows of at most MAX_HEAD_DIM)."""
+    block_size = kv_cache.block_size
     return (
         query.device.type == "cpu"
+        and kv_cache.device.type == "cpu"
         and block_size & (block_size - 1) == 0  # the kernel finds blocks by shift and mask
-        and query.dtype == kv_cache.dtype == torch.float32
+        and query.dtype == torch.float32
+        and kv_cache.head_dim <= MAX_HEAD_DIM
         and paged_decode_kernel() is not None
     )
 
 
 def paged_decode(
     query: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: KVCache,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
     kernel: ctypes._CFuncPtr | None = None,  # type: ignore[name-defined]
 ) -> torch.Tensor:
-    """One query token per sequence, query [B, Hq, D] → [B, Hq, D], over `kv_cache`
-    [2, num_blocks, block_size, Hkv, D], each sequence's blocks in its row of block_tables."""
+    """One query token per sequence, query [B, Hq, D] → [B, Hq, D], over `kv_cache`, each
+    sequence's blocks in its row of block_tables."""
     kernel = kernel or paged_decode_kernel()
     assert kernel is not None, "check supports() first"
     query = query.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_seqs, num_heads, _ = query.shape
     out = torch.empty_like(query)
     status = kernel(
-        query.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(),
-        lens.data_ptr(), num_seqs, tables.shape[1], block_size, num_kv_heads,
-        num_heads // num_kv_heads, head_dim, scale, out.data_ptr(), torch.get_num_threads(),
+        query.data_ptr(), c_view(kv_cache), tables.data_ptr(), lens.data_ptr(), num_seqs,
+        tables.shape[1], num_heads // kv_cache.num_kv_heads, scale, out.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffers")
     return out
 
 
-# paged_decode_rope(qkv, ld, cos, sin, slots, key_cache, value_cache, block_tables, seq_lens,
-#   num_seqs, max_blocks, block_size, num_kv_heads, group, head_dim, scale, out, num_threads)
-ROPE_ARGTYPES = (_PTR, ctypes.c_long, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT)
-ROPE_ARGTYPES += (_INT, _INT, _INT, ctypes.c_float, _PTR, _INT)
+# paged_decode_rope(qkv, ld, cos, sin, slots, kv, block_tables, seq_lens, num_seqs, max_blocks,
+#   group, scale, out, num_threads)
+ROPE_ARGTYPES = (_PTR, ctypes.c_long, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _INT)
+ROPE_ARGTYPES += (_FLOAT, _PTR, _INT)
 
 
 def paged_decode_rope_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -83,7 +123,7 @@ def paged_decode_rope_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-
 def paged_decode_rope(
     qkv: torch.Tensor,
     cos_sin: tuple[torch.Tensor, torch.Tensor],
-    kv_cache: torch.Tensor,
+    kv_cache: KVCache,
     meta: AttentionMetadata,
     num_heads: int,
     scale: float,
@@ -94,16 +134,14 @@ def paged_decode_rope(
     every sequence brings one token."""
     kernel = paged_decode_rope_kernel()
     assert kernel is not None and qkv.stride(1) == 1
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     cos, sin = cos_sin
     tables, lens = meta.decode_block_tables, meta.decode_seq_lens
-    out = torch.empty(qkv.shape[0], num_heads * head_dim, dtype=torch.float32)
+    out = torch.empty(qkv.shape[0], num_heads * kv_cache.head_dim, dtype=torch.float32)
     status = kernel(
         qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
-        meta.slot_mapping.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-        tables.data_ptr(), lens.data_ptr(), qkv.shape[0], tables.shape[1], block_size,
-        num_kv_heads, num_heads // num_kv_heads, head_dim, scale, out.data_ptr(),
-        torch.get_num_threads(),
+        meta.slot_mapping.data_ptr(), c_view(kv_cache), tables.data_ptr(), lens.data_ptr(),
+        qkv.shape[0], tables.shape[1], num_heads // kv_cache.num_kv_heads, scale,
+        out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its buffers")

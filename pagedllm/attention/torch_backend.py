@@ -1,8 +1,10 @@
 """Paged attention in plain PyTorch: runs on any device torch supports.
 
-KV-cache layout, per layer: one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
-(keys, then values). A token's slot is a row of the flattened [num_blocks * block_size]
-view, so the write of a whole flat batch is one `index_copy_`.
+The KV cache of a layer is a `KVCache` (kv_cache.py): it writes a flat batch's keys and
+values at their slots in its storage format and reads blocks back as float. When it
+stores another dtype than the model computes in (bf16, int8, fp8), the step's own new
+keys and values are read back from it too, so every query sees what later steps and
+prefix-cache hits will see.
 
 Reading, by kind of sequence:
 - decodes (one new token each) are computed together: their block tables index the
@@ -21,35 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.attention import cpu_decode
+from pagedllm.attention.kv_cache import KVCache
 from pagedllm.attention.metadata import AttentionMetadata
-
-
-def write_kv(
-    kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Store the new tokens' keys and values [T, Hkv, D] at their slots."""
-    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
-
-
-def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """Blocks of one cache half by table → [..., blocks * block_size, Hkv, D].
-
-    `index_select` over whole blocks as rows copies each block in one piece: on the
-    2-core CPU it gathered 64 tables of 24 blocks 6x faster than `cache[table]`.
-    """
-    num_blocks, _, num_kv_heads, head_dim = cache.shape
-    rows = cache.view(num_blocks, -1).index_select(0, block_table.reshape(-1))
-    return rows.view(*block_table.shape[:-1], -1, num_kv_heads, head_dim)
 
 
 def paged_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: KVCache,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
@@ -58,13 +40,15 @@ def paged_attention(
     The new keys and values are written to the cache first, then every query attends
     to its own sequence's keys up to and including its own position.
     """
-    write_kv(kv_cache, key, value, meta.slot_mapping)
+    kv_cache.write(key, value, meta.slot_mapping)
+    if kv_cache.dtype != key.dtype:  # attend to what the cache holds
+        key = kv_cache.read_slots(0, meta.slot_mapping, query.dtype)
+        value = kv_cache.read_slots(1, meta.slot_mapping, query.dtype)
     if meta.decode_only:
         return _decode(query, kv_cache, meta, scale)
     out = torch.empty_like(query)
     if meta.decode_seq_idx.numel():
         out[meta.decode_token_idx] = _decode(query, kv_cache, meta, scale)
-    key_cache, value_cache = kv_cache[0], kv_cache[1]
     starts = meta.query_start_loc.tolist() if meta.prefill_seq_idx else []
     for i in meta.prefill_seq_idx:
         start, end = starts[i], starts[i + 1]
@@ -77,16 +61,16 @@ def paged_attention(
         else:
             num_blocks = -(-seq_len // meta.block_size)
             table = meta.block_tables[i, :num_blocks]
-            k = _gather(key_cache, table)[:seq_len]
-            v = _gather(value_cache, table)[:seq_len]
+            k = kv_cache.read(0, table, q.dtype)[:seq_len]
+            v = kv_cache.read(1, table, q.dtype)[:seq_len]
             # query j sits at position context + j and sees keys 0..context + j
             q_pos = torch.arange(context, seq_len, device=query.device)
             mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
             causal = False
         o = F.scaled_dot_product_attention(
             q,
-            k.transpose(0, 1).unsqueeze(0).to(q.dtype),
-            v.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
             attn_mask=mask,
             is_causal=causal,
             scale=scale,
@@ -97,7 +81,7 @@ def paged_attention(
 
 
 def _decode(
-    query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    query: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """All single-token queries at once: in place on the CPU (C kernel), else over their
     padded, gathered block tables."""
@@ -111,8 +95,8 @@ def _decode(
     max_len = max(meta.seq_lens_list[i] for i in seq_idx.tolist())
     num_blocks = -(-max_len // meta.block_size)
     tables = meta.decode_block_tables[:, :num_blocks]
-    k = _gather(kv_cache[0], tables)  # [Bd, L, Hkv, D]
-    v = _gather(kv_cache[1], tables)
+    k = kv_cache.read(0, tables, query.dtype)  # [Bd, L, Hkv, D]
+    v = kv_cache.read(1, tables, query.dtype)
     length = k.shape[1]
     mask = torch.arange(length, device=query.device)[None, :] < seq_lens[:, None]
     # The query heads sharing a KV head (h * G … h * G + G - 1) act as G queries of one
@@ -121,8 +105,8 @@ def _decode(
     q = decode_query.reshape(num_seqs, num_kv_heads, -1, head_dim)
     o = F.scaled_dot_product_attention(
         q,
-        k.transpose(1, 2).to(q.dtype),
-        v.transpose(1, 2).to(q.dtype),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
         attn_mask=mask[:, None, None, :],
         scale=scale,
     )

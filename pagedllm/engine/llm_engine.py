@@ -8,6 +8,7 @@ processor turns them into text. Requests join and leave every step.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pagedllm.attention.kv_cache import resolve_kv_cache_dtype
 from pagedllm.config import EngineArgs
 from pagedllm.core.invariants import debug_invariants_enabled, require
 from pagedllm.core.sched_output import SchedulerOutput
@@ -27,8 +29,10 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tokenizer import load_tokenizer
-from pagedllm.worker.kv_cache import allocate_kv_cache, num_blocks_for_memory
+from pagedllm.worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for_memory
 from pagedllm.worker.model_runner import ModelRunner, SampledRow
+
+logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -84,7 +88,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         path = resolve_model_path(args.model)
         self.model_path = path
-        # refuses a max_model_len past the model's context; sizes the rotary table by it
+        # refuses a max_model_len past the model's context
         self.model = load_model(
             path,
             self.dtype,
@@ -95,13 +99,24 @@ class LLMEngine:
         self.model_config = config = self.model.config
         self.tokenizer = load_tokenizer(path)
         self.max_model_len = max_model_len = args.max_model_len or config.max_position_embeddings
+        self.kv_cache_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         num_blocks = args.num_kv_blocks or num_blocks_for_memory(
-            config, args.block_size, self.dtype, self.device, args.kv_cache_memory
+            config, args.block_size, self.kv_cache_dtype, self.device, args.kv_cache_memory
         )
         if num_blocks < 1:
             raise ValueError("kv_cache_memory is too small for one KV-cache block")
         self.num_blocks = num_blocks
-        kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, self.dtype, self.device)
+        kv_caches = allocate_kv_cache(
+            config, num_blocks, args.block_size, self.kv_cache_dtype, self.device
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB) in %s",
+            num_blocks,
+            args.block_size,
+            num_blocks * args.block_size,
+            num_blocks * bytes_per_block(config, args.block_size, self.kv_cache_dtype) / 2**20,
+            str(self.kv_cache_dtype).removeprefix("torch."),
+        )
         self.scheduler = Scheduler(
             args.scheduler_config(max_model_len), args.cache_config(num_blocks), num_blocks
         )

@@ -13,10 +13,14 @@ import types
 import typing
 from typing import Any
 
-from pagedllm.config import DTYPES, ENGINE_ARG_HELP, EngineArgs
+from pagedllm.config import DTYPES, ENGINE_ARG_HELP, KV_CACHE_DTYPES, EngineArgs
 from pagedllm.sampling_params import SamplingParams
 
-_CHOICES = {"dtype": DTYPES, "scheduling_policy": ("fcfs", "priority")}
+_CHOICES = {
+    "dtype": DTYPES,
+    "kv_cache_dtype": KV_CACHE_DTYPES,
+    "scheduling_policy": ("fcfs", "priority"),
+}
 
 
 def _scalar(tp: Any) -> type:

@@ -7,13 +7,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pagedllm.attention.kv_cache import KV_CACHE_DTYPES
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.loader import read_model_config, resolve_model_path
 from pagedllm.model.loader.gguf import hf_tensor_name, metadata, open_gguf
 from pagedllm.model.loader.gguf import read_config as read_gguf_config
 from pagedllm.model.models.registry import validate_tensor_shapes
+from pagedllm.worker.kv_cache import bytes_per_token
 
-KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
+KV_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # as --kv-cache-dtype names them
 
 
 def _gguf_facts(
@@ -96,7 +98,7 @@ def describe(model: str | Path | None) -> dict[str, Any]:
         "pad token": token(config.pad_token_id),
         "chat template": "yes" if config.chat_template else "no",
         "kv bytes per token": {
-            name: config.kv_bytes_per_token(size) for name, size in KV_DTYPES.items()
+            name: bytes_per_token(config, KV_CACHE_DTYPES[name]) for name in KV_DTYPES
         },
     }
 

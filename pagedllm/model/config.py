@@ -100,10 +100,6 @@ class ModelArchConfig:
             return f"{name('head_dim')} = {self.head_dim} is odd (rotary embeddings need pairs)"
         return None
 
-    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
-        """KV-cache bytes one token occupies across all layers (K and V)."""
-        return 2 * self.num_layers * self.kv_size * bytes_per_element
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -1,9 +1,11 @@
-"""Sizing and allocating the KV cache: one preallocated pool per layer."""
+"""Sizing and allocating the KV cache: one preallocated pool per layer, in its storage
+format (attention/kv_cache.py)."""
 
 from __future__ import annotations
 
 import torch
 
+from pagedllm.attention.kv_cache import KVCache, kv_cache_class, make_kv_cache
 from pagedllm.model.config import ModelArchConfig
 
 GIB = 1 << 30
@@ -11,10 +13,15 @@ DEFAULT_CPU_KV_GIB = 1.0
 DEFAULT_GPU_MEMORY_FRACTION = 0.9
 
 
+def bytes_per_token(config: ModelArchConfig, dtype: torch.dtype) -> int:
+    """Bytes one token takes across all layers, keys and values, scales included."""
+    per_layer = kv_cache_class(dtype).bytes_per_token(config.num_kv_heads, config.head_dim, dtype)
+    return config.num_layers * per_layer
+
+
 def bytes_per_block(config: ModelArchConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers, keys and values."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return config.kv_bytes_per_token(element) * block_size
+    """Bytes one block takes across all layers, keys and values, scales included."""
+    return bytes_per_token(config, dtype) * block_size
 
 
 def num_blocks_for_memory(
@@ -42,13 +49,17 @@ def allocate_kv_cache(
     block_size: int,
     dtype: torch.dtype,
     device: torch.device,
-) -> list[torch.Tensor]:
-    """One [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer (see attention/)."""
-    shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+) -> list[KVCache]:
+    """One cache of `num_blocks` blocks storing `dtype` per layer."""
+    return [
+        make_kv_cache(
+            num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=dtype, device=device
+        )
+        for _ in range(config.num_layers)
+    ]
 
 
-def copy_blocks(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> None:
+def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
     """Copy-on-write: duplicate source blocks into destinations in every layer."""
     if not copies:
         return
@@ -56,4 +67,4 @@ def copy_blocks(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) ->
     src = torch.tensor([s for s, _ in copies], device=device)
     dst = torch.tensor([d for _, d in copies], device=device)
     for cache in kv_caches:
-        cache[:, dst] = cache[:, src]
+        cache.copy_blocks(src, dst)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.attention import AttentionMetadata
+from pagedllm.attention import AttentionMetadata, KVCache
 from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.request import Request
 from pagedllm.sample.logprobs import LogprobsTensors, compute_prompt_logprobs
@@ -53,7 +53,7 @@ class ModelRunner:
     def __init__(
         self,
         model: torch.nn.Module,
-        kv_caches: list[torch.Tensor],
+        kv_caches: list[KVCache],
         block_size: int,
         device: torch.device,
     ) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from pagedllm.attention import AttentionMetadata
 from pagedllm.model.layers import decode_layer
+from tests.attention.kv_caches import FORMATS, caches_equal, clone_cache, random_cache
 
 pytestmark = [
     pytest.mark.slow,
@@ -17,24 +18,26 @@ pytestmark = [
 BLOCK = 16
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8", "fp8_e4m3"])
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "int8"])
-def test_one_call_layer_equals_the_five_calls(model_f32, exact):
+def test_one_call_layer_equals_the_five_calls(model_f32, exact, kv_dtype):
     model = model_f32
     c = model.config
     layer = model.layers[3]
     lengths = [40, 7, 100]  # each sequence's length after this step's one new token
     tables = [[0, 1, 2], [3], [4, 5, 6, 7, 8, 9, 10]]
     generator = torch.Generator().manual_seed(0)
-    kv = torch.randn(2, 12, BLOCK, c.num_kv_heads, c.head_dim, generator=generator)
+    kv = random_cache(FORMATS[kv_dtype], 12, BLOCK, c.num_kv_heads, c.head_dim, generator)
     hidden = torch.randn(len(lengths), c.hidden_size, generator=generator)
     meta = AttentionMetadata.build(lengths, [1] * len(lengths), tables, BLOCK)
     cos_sin = model.rotary.cos_sin(meta.positions, torch.float32)
 
-    kv_python, hidden_python = kv.clone(), hidden.clone()
+    kv_python, hidden_python = clone_cache(kv), hidden.clone()
     layer.fused_decode(hidden_python, cos_sin, kv_python, meta, exact)
-    kv_c, hidden_c = kv.clone(), hidden.clone()
+    kv_c, hidden_c = clone_cache(kv), hidden.clone()
     layer.decode_call(kv_c)(hidden_c, decode_layer.DecodeStep(cos_sin, meta), exact)
 
     assert torch.equal(hidden_c, hidden_python)
-    assert torch.equal(kv_c, kv_python)
+    assert caches_equal(kv_c, kv_python)
+    assert not caches_equal(kv_c, kv)  # the new keys and values were written
     assert not torch.equal(hidden_c, hidden)  # the layer did something

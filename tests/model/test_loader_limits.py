@@ -1,4 +1,4 @@
-"""Loader limits: the rotary table follows max_model_len, and bad sizes or alignments in a
+"""Loader limits: no rotary table sized by the file's context, and bad sizes or alignments in a
 file are one ModelLoadError naming the file and the field, never a deeper traceback."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 import torch
 from gguf import GGUFReader, GGUFWriter
 
-from pagedllm.attention import AttentionMetadata
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.rotary import rope_frequencies
 from pagedllm.model.loader import ModelLoadError, load_model, read_model_config
@@ -37,36 +36,20 @@ def overwrite_field(path: Path, key: str, value: int) -> Path:
     return path
 
 
-def last_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    c = model.config
-    kv = [torch.zeros(2, 4, 16, c.num_kv_heads, c.head_dim) for _ in range(c.num_layers)]
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0, 1]], 16)
-    with torch.no_grad():
-        return model.compute_logits(model(torch.tensor(ids), meta.positions, kv, meta)[-1:])[0]
+# ------------------------------------------------------------------- rotary angles
 
 
-# ------------------------------------------------------------------- rotary table size
-
-
-def test_rotary_table_has_max_model_len_rows_for_a_huge_context(tmp_path):
-    """A file claiming 2²⁴ positions: the table has max_model_len rows, not 2 GiB of them."""
+def test_a_huge_context_costs_no_rotary_table(tmp_path):
+    """A file claiming 2²⁴ positions loads without a table of 2²⁴ rows (gigabytes): the
+    model holds only its frequencies, and positions far out still rotate."""
     path = overwrite_field(
         write_tiny_gguf(tmp_path / "huge.gguf"), "llama.context_length", HUGE_CONTEXT
     )
-    model = load_model(path, torch.float32, max_model_len=32)
+    model = load_model(path, torch.float32)
     assert model.config.max_position_embeddings == HUGE_CONTEXT
-    assert model.rotary.cos.shape[0] == model.rotary.sin.shape[0] == 32
-
-
-def test_short_sequences_compute_the_same_logits_with_a_small_table(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf")  # context 256
-    full = load_model(path, torch.float32)
-    small = load_model(path, torch.float32, max_model_len=20)
-    assert full.rotary.cos.shape[0] == 256 and small.rotary.cos.shape[0] == 20
-    torch.testing.assert_close(small.rotary.cos, full.rotary.cos[:20], rtol=0, atol=0)
-    torch.testing.assert_close(small.rotary.sin, full.rotary.sin[:20], rtol=0, atol=0)
-    ids = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 7, 9, 50, 2, 8]
-    torch.testing.assert_close(last_logits(small, ids), last_logits(full, ids), rtol=0, atol=0)
+    assert sum(b.numel() for b in model.rotary.buffers()) == model.config.head_dim // 2
+    cos, sin = model.rotary.cos_sin(torch.tensor([HUGE_CONTEXT - 1]), torch.float32)
+    torch.testing.assert_close(cos**2 + sin**2, torch.ones_like(cos))
 
 
 def test_max_model_len_past_the_context_is_refused(tmp_path):
@@ -88,22 +71,26 @@ SCALINGS = [{"rope_type": "dynamic", "factor": 4.0}, *ROTARY_SCALINGS]
 
 
 @pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s["rope_type"])
-def test_scaled_rotary_angles_do_not_depend_on_the_table_size(scaling):
-    """Scaling formulas still see the config's context length; only the row count changes."""
+def test_scaled_rotary_angles_are_the_table_transformers_would_build(scaling):
+    """The per-step angles equal a precomputed table's rows bit for bit, scaled as the
+    config's own context length says."""
     model = meta_model(rope_scaling=scaling, max_position_embeddings=HUGE_CONTEXT)
-    rotary = model._build_rotary(None, "m.gguf", 48)
+    rotary = model._build_rotary(None, "m.gguf")
     inv_freq, attention_scale = rope_frequencies(16, 10000.0, scaling, HUGE_CONTEXT)
     angles = torch.outer(torch.arange(48, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
-    assert rotary.cos.shape == (48, 16)
-    torch.testing.assert_close(rotary.cos, angles.cos() * attention_scale, rtol=0, atol=0)
-    torch.testing.assert_close(rotary.sin, angles.sin() * attention_scale, rtol=0, atol=0)
+    positions = torch.tensor([47, 0, 5, 5, 30])
+    cos, sin = rotary.cos_sin(positions, torch.float32)
+    assert cos.shape == (5, 1, 16)
+    table_cos, table_sin = angles.cos() * attention_scale, angles.sin() * attention_scale
+    torch.testing.assert_close(cos[:, 0], table_cos[positions], rtol=0, atol=0)
+    torch.testing.assert_close(sin[:, 0], table_sin[positions], rtol=0, atol=0)
 
 
 def test_bad_rope_factor_is_a_load_error():
     model = meta_model(rope_scaling={"rope_type": "linear", "factor": 0})
     with pytest.raises(ModelLoadError, match=r"m\.gguf: bad rope scaling .*factor 0\.0"):
-        model._build_rotary(None, "m.gguf", 8)
+        model._build_rotary(None, "m.gguf")
 
 
 # ------------------------------------------------------------------- GGUF alignment

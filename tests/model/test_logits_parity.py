@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pagedllm.attention import AttentionMetadata
+from pagedllm.worker.kv_cache import allocate_kv_cache
 from tests.conftest import ENGLISH
 
 pytestmark = pytest.mark.slow
@@ -18,9 +19,7 @@ TOL = 1e-3
 
 def new_kv_caches(model, num_blocks):
     c = model.config
-    return [
-        torch.zeros(2, num_blocks, BLOCK, c.num_kv_heads, c.head_dim) for _ in range(c.num_layers)
-    ]
+    return allocate_kv_cache(c, num_blocks, BLOCK, torch.float32, torch.device("cpu"))
 
 
 def scattered_tables(lengths, max_new, num_blocks, seed=0):

@@ -60,7 +60,7 @@ def test_dynamic_ntk_raises_the_base():
 
 def test_rotation_preserves_norm_and_relative_angle():
     inv_freq, _ = rope_frequencies(16, 10000.0, None, 64)
-    rope = RotaryEmbedding(16, 64, inv_freq)
+    rope = RotaryEmbedding(16, inv_freq)
     q, k = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
     dots = []
     for shift in (0, 7):

@@ -11,13 +11,14 @@ from transformers import LlamaForCausalLM
 from pagedllm.attention import AttentionMetadata
 from pagedllm.model.loader import load_model
 from pagedllm.tokenizer import load_tokenizer
+from pagedllm.worker.kv_cache import allocate_kv_cache
 
 pytestmark = pytest.mark.slow
 
 
 def last_logits(model, ids):
     c = model.config
-    kv = [torch.zeros(2, 8, 16, c.num_kv_heads, c.head_dim) for _ in range(c.num_layers)]
+    kv = allocate_kv_cache(c, 8, 16, torch.float32, torch.device("cpu"))
     meta = AttentionMetadata.build([len(ids)], [len(ids)], [[5, 2, 7, 1]], 16)
     with torch.no_grad():
         return model.compute_logits(model(torch.tensor(ids), meta.positions, kv, meta)[-1:])[0]

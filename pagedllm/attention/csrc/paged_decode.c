@@ -1,13 +1,16 @@
-/* Decode attention that reads the paged KV cache in place, for float32 on the CPU.
+/* Decode attention that reads the paged KV cache in place, on the CPU.
  *
  * The torch path gathers every decode sequence's blocks into a padded copy and runs SDPA
  * on it: at 64 sequences of a few hundred tokens that copy (and the padded reads) cost
  * more than the layer's matmuls. Here each (sequence, KV head) pair, one work item, walks
  * the sequence's block table: pass 1 scores the query heads sharing that KV head against
  * each key, a softmax in float32 (max subtracted), pass 2 sums the values.
- * Each key and value is read once, straight from its block.
+ * Each key and value is read once, straight from its block, in the cache's own format
+ * (float32, bf16, f16, int8 with a scale per token and head, fp8 e4m3/e5m2 with a scale
+ * per layer): a head's row is widened to float32 in a small buffer on the stack, never
+ * the cache.
  *
- * query [B, Hkv * G, D], key/value cache [num_blocks, block_size, Hkv, D],
+ * query [B, Hkv * G, D], a cache half [num_blocks, block_size, Hkv, D] (paged_kv below),
  * block_tables [B, max_blocks] (int64), seq_lens [B] (int64), out [B, Hkv * G, D].
  */
 #include <math.h>
@@ -23,14 +26,153 @@ static inline void flush_denormals(void) { _mm_setcsr(_mm_getcsr() | 0x8040); }
 static inline void flush_denormals(void) {}
 #endif
 
-/* Token t's row in a cache half. block_size is a power of two whenever the engine runs
-   (checked by the caller), so the block and the offset are a shift and a mask: a 64-bit
-   division per token cost more than the arithmetic it feeds. */
-static inline const float *token_row(const float *cache, const int64_t *table, int64_t t,
-                                     int block_size, size_t block_stride, size_t token_stride) {
+/* The cache's storage formats (KV_FORMATS in kv_cache.py names the same codes). */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_INT8 = 3, KV_FP8_E4M3 = 4, KV_FP8_E5M2 = 5 };
+#define MAX_HEAD_DIM 256
+
+/* One layer's cache as the kernels read and write it: two halves of
+   [num_blocks, block_size, Hkv, D] elements of `format`; for int8 one float scale per
+   (slot, KV head) in each half's scales, for fp8 one scale per half (values are stored
+   divided by it). */
+typedef struct {
+    void *key, *value;
+    float *key_scales, *value_scales;
+    float key_scale, value_scale;
+    int format, block_size, num_kv_heads, head_dim;
+} paged_kv;
+
+static inline size_t element_size(int format) {
+    return format == KV_F32 ? 4 : format <= KV_F16 ? 2 : 1;
+}
+
+/* Token t's slot (its row of the flattened cache). block_size is a power of two whenever
+   the engine runs (checked by the caller), so the block and the offset are a shift and a
+   mask: a 64-bit division per token cost more than the arithmetic it feeds. */
+static inline size_t token_slot(const int64_t *table, int64_t t, int block_size) {
     const int shift = __builtin_ctz((unsigned)block_size);
-    return cache + (size_t)table[t >> shift] * block_stride +
-           (size_t)(t & (block_size - 1)) * token_stride;
+    return (size_t)table[t >> shift] * (size_t)block_size + (size_t)(t & (block_size - 1));
+}
+
+/* IEEE half → float for machines without F16C. */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0) {
+        const float v = ldexpf((float)man, -24); /* subnormal (or zero) */
+        return sign ? -v : v;
+    }
+    uint32_t bits = sign | ((exp == 31 ? 255 : exp - 15 + 127) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* An fp8 byte as the half with the same value (e5m2: the half's top byte; e4m3: its bits
+   moved into a half's fields, which reads 2^-8 of the value, subnormals included). */
+static inline uint16_t fp8_as_half(uint8_t b, int format) {
+    return format == KV_FP8_E5M2 ? (uint16_t)(b << 8)
+                                 : (uint16_t)(((b & 0x80) << 8) | ((b & 0x7f) << 7));
+}
+
+/* Head h of slot `slot` in one cache half, as float32: the row itself for float32, else
+   widened into buf (MAX_HEAD_DIM floats). The int8 and fp8 scales are left to the caller. */
+static const float *load_head(const void *half, int format, size_t slot, int h, int num_kv_heads,
+                              int head_dim, float *buf) {
+    const size_t first = (slot * (size_t)num_kv_heads + (size_t)h) * (size_t)head_dim;
+    if (format == KV_F32) return (const float *)half + first;
+    if (format == KV_BF16) {
+        const uint16_t *src = (const uint16_t *)half + first;
+        uint32_t bits[MAX_HEAD_DIM];
+        for (int d = 0; d < head_dim; d++) bits[d] = (uint32_t)src[d] << 16;
+        memcpy(buf, bits, sizeof(float) * (size_t)head_dim);
+    } else if (format == KV_INT8) {
+        const int8_t *src = (const int8_t *)half + first;
+#pragma omp simd
+        for (int d = 0; d < head_dim; d++) buf[d] = (float)src[d];
+    } else {
+        const uint8_t *src8 = (const uint8_t *)half + first;
+        const uint16_t *src16 = (const uint16_t *)half + first;
+        int d = 0;
+        const float factor = format == KV_FP8_E4M3 ? 256.f : 1.f;
+#if defined(__F16C__) && defined(__AVX2__)
+        for (; d + 8 <= head_dim; d += 8) {
+            __m128i h8;
+            if (format == KV_F16) {
+                h8 = _mm_loadu_si128((const __m128i *)(src16 + d));
+            } else {
+                const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(src8 + d)));
+                h8 = format == KV_FP8_E5M2
+                         ? _mm_slli_epi16(b, 8)
+                         : _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                        _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+            }
+            _mm256_storeu_ps(buf + d, _mm256_mul_ps(_mm256_cvtph_ps(h8), _mm256_set1_ps(factor)));
+        }
+#endif
+        for (; d < head_dim; d++)
+            buf[d] = factor * half_to_float(format == KV_F16 ? src16[d] : fp8_as_half(src8[d], format));
+    }
+    return buf;
+}
+
+/* |x| as a small float's code (man_bits of mantissa, exponent bias `bias`), rounded to
+   nearest even and clamped to `largest`, as torch converts after a clamp: half (10, 15),
+   fp8 e4m3 (3, 7) and e5m2 (2, 15). The quotient by the value's quantum is the code's
+   mantissa part, subnormals included; a rounding up into the next binade carries into
+   the exponent field by the addition. */
+static uint32_t small_float_code(float x, int man_bits, int bias, float largest) {
+    float a = fabsf(x);
+    if (!(a <= largest)) a = largest;
+    if (a == 0.f) return 0;
+    int e;
+    frexpf(a, &e); /* a = m 2^e with m in [0.5, 1): the exponent is e - 1 */
+    const int exponent = e - 1 < 1 - bias ? 1 - bias : e - 1;
+    const uint32_t mantissa = (uint32_t)nearbyintf(ldexpf(a, man_bits - exponent));
+    return ((uint32_t)(exponent + bias - 1) << man_bits) + mantissa;
+}
+
+static inline uint8_t float_to_fp8(float x, int format) {
+    const uint32_t code = format == KV_FP8_E4M3 ? small_float_code(x, 3, 7, 448.f)
+                                                : small_float_code(x, 2, 15, 57344.f);
+    return (uint8_t)((signbit(x) ? 0x80 : 0) | code);
+}
+
+static inline uint16_t float_to_half(float x) {
+    return (uint16_t)((signbit(x) ? 0x8000 : 0) | small_float_code(x, 10, 15, 65504.f));
+}
+
+/* Store x [head_dim] as head h of slot `slot` in one half of the cache, in its format. */
+static void store_head(void *half, float *scales, float layer_scale, int format, size_t slot, int h,
+                       int num_kv_heads, int head_dim, const float *x) {
+    const size_t first = (slot * (size_t)num_kv_heads + (size_t)h) * (size_t)head_dim;
+    if (format == KV_F32) {
+        memcpy((float *)half + first, x, sizeof(float) * (size_t)head_dim);
+    } else if (format == KV_BF16) {
+        uint16_t *dst = (uint16_t *)half + first;
+        for (int d = 0; d < head_dim; d++) {
+            uint32_t bits;
+            memcpy(&bits, x + d, 4);
+            dst[d] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16); /* nearest even */
+        }
+    } else if (format == KV_F16) {
+        uint16_t *dst = (uint16_t *)half + first;
+        for (int d = 0; d < head_dim; d++) dst[d] = float_to_half(x[d]);
+    } else if (format == KV_INT8) {
+        int8_t *dst = (int8_t *)half + first;
+        float amax = 0.f;
+        for (int d = 0; d < head_dim; d++) amax = fabsf(x[d]) > amax ? fabsf(x[d]) : amax;
+        const float scale = amax / 127.f;
+        for (int d = 0; d < head_dim; d++) dst[d] = scale > 0.f ? (int8_t)nearbyintf(x[d] / scale) : 0;
+        scales[slot * (size_t)num_kv_heads + (size_t)h] = scale;
+    } else {
+        uint8_t *dst = (uint8_t *)half + first;
+        for (int d = 0; d < head_dim; d++) dst[d] = float_to_fp8(x[d] / layer_scale, format);
+    }
+}
+
+/* A slot's scale in one half: int8's per (slot, head), else the layer's. */
+static inline float head_scale(const float *scales, float layer_scale, size_t slot, int h,
+                               int num_kv_heads) {
+    return scales ? scales[slot * (size_t)num_kv_heads + (size_t)h] : layer_scale;
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -81,33 +223,35 @@ static void softmax(float *row, int64_t len) {
 /* Keys and values are read one head's slice per token, a stride apart: ask for the slice
    AHEAD tokens on while this one is used (the hardware prefetchers miss the pattern). */
 #define AHEAD 8
-static inline void prefetch_head(const float *p, int head_dim) {
+static inline void prefetch_head(const paged_kv *kv, const void *half, size_t slot, int h) {
 #if defined(__SSE__)
-    for (int d = 0; d < head_dim; d += 16) _mm_prefetch((const char *)(p + d), _MM_HINT_T0);
+    const size_t size = element_size(kv->format);
+    const char *p = (const char *)half +
+                    (slot * (size_t)kv->num_kv_heads + (size_t)h) * (size_t)kv->head_dim * size;
+    for (size_t i = 0; i < (size_t)kv->head_dim * size; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
 #else
-    (void)p, (void)head_dim;
+    (void)kv, (void)half, (void)slot, (void)h;
 #endif
 }
 
 /* One work item: the `group` query heads that share KV head h of one sequence. Pass 1
    scores them against each of the sequence's keys, a softmax, pass 2 sums the values. */
-static void attend_one_kv_head(const float *q, const float *key_cache, const float *value_cache,
-                               const int64_t *table, int64_t len, int block_size, int h, int group,
-                               int head_dim, size_t block_stride, size_t token_stride, float scale,
+static void attend_one_kv_head(const float *q, const paged_kv *kv, const int64_t *table,
+                               int64_t len, int h, int group, float scale,
                                float *scores /* [group, len] */, float *o /* [group, D] */) {
-    /* head h's slice of every token row: the caches offset by h heads */
-    const float *keys = key_cache + (size_t)h * head_dim, *values = value_cache + (size_t)h * head_dim;
+    const int head_dim = kv->head_dim, block_size = kv->block_size, heads = kv->num_kv_heads;
+    float buf[MAX_HEAD_DIM];
     for (int64_t t = 0; t < len; t++) {
-        if (t + AHEAD < len)
-            prefetch_head(token_row(keys, table, t + AHEAD, block_size, block_stride, token_stride),
-                          head_dim);
-        const float *k = token_row(keys, table, t, block_size, block_stride, token_stride);
+        if (t + AHEAD < len) prefetch_head(kv, kv->key, token_slot(table, t + AHEAD, block_size), h);
+        const size_t slot = token_slot(table, t, block_size);
+        const float *k = load_head(kv->key, kv->format, slot, h, heads, head_dim, buf);
+        const float k_scale = scale * head_scale(kv->key_scales, kv->key_scale, slot, h, heads);
         for (int g = 0; g < group; g++) {
             const float *qg = q + (size_t)g * head_dim;
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
             for (int d = 0; d < head_dim; d++) s += qg[d] * k[d];
-            scores[(size_t)g * len + t] = s * scale;
+            scores[(size_t)g * len + t] = s * k_scale;
         }
     }
     for (int g = 0; g < group; g++) {
@@ -115,12 +259,12 @@ static void attend_one_kv_head(const float *q, const float *key_cache, const flo
         memset(o + (size_t)g * head_dim, 0, sizeof(float) * head_dim);
     }
     for (int64_t t = 0; t < len; t++) {
-        if (t + AHEAD < len)
-            prefetch_head(token_row(values, table, t + AHEAD, block_size, block_stride, token_stride),
-                          head_dim);
-        const float *v = token_row(values, table, t, block_size, block_stride, token_stride);
+        if (t + AHEAD < len) prefetch_head(kv, kv->value, token_slot(table, t + AHEAD, block_size), h);
+        const size_t slot = token_slot(table, t, block_size);
+        const float *v = load_head(kv->value, kv->format, slot, h, heads, head_dim, buf);
+        const float v_scale = head_scale(kv->value_scales, kv->value_scale, slot, h, heads);
         for (int g = 0; g < group; g++) {
-            const float p = scores[(size_t)g * len + t];
+            const float p = scores[(size_t)g * len + t] * v_scale;
             float *og = o + (size_t)g * head_dim;
 #pragma omp simd
             for (int d = 0; d < head_dim; d++) og[d] += p * v[d];
@@ -128,15 +272,15 @@ static void attend_one_kv_head(const float *q, const float *key_cache, const flo
     }
 }
 
-/* Return 0, or -1 when a score buffer could not be allocated. Work items are (sequence,
-   KV head) pairs, so even one sequence keeps every thread busy. */
-int paged_decode_attention(const float *query, const float *key_cache, const float *value_cache,
-                           const int64_t *block_tables, const int64_t *seq_lens, int num_seqs,
-                           int max_blocks, int block_size, int num_kv_heads, int group,
-                           int head_dim, float scale, float *out, int num_threads) {
+/* Return 0, -1 when a score buffer could not be allocated, -2 for a head_dim past
+   MAX_HEAD_DIM. Work items are (sequence, KV head) pairs, so even one sequence keeps
+   every thread busy. */
+int paged_decode_attention(const float *query, const paged_kv *kv, const int64_t *block_tables,
+                           const int64_t *seq_lens, int num_seqs, int max_blocks, int group,
+                           float scale, float *out, int num_threads) {
+    if (kv->head_dim > MAX_HEAD_DIM) return -2;
+    const int num_kv_heads = kv->num_kv_heads, head_dim = kv->head_dim;
     const int num_heads = num_kv_heads * group;
-    const size_t token_stride = (size_t)num_kv_heads * head_dim;
-    const size_t block_stride = (size_t)block_size * token_stride;
     int64_t longest = 0;
     for (int b = 0; b < num_seqs; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
     const int items = num_seqs * num_kv_heads;
@@ -154,50 +298,61 @@ int paged_decode_attention(const float *query, const float *key_cache, const flo
             if (!scores) continue;
             const int b = item / num_kv_heads, h = item % num_kv_heads;
             const size_t first = ((size_t)b * num_heads + (size_t)h * group) * head_dim;
-            attend_one_kv_head(query + first, key_cache, value_cache,
-                               block_tables + (size_t)b * max_blocks, seq_lens[b], block_size, h,
-                               group, head_dim, block_stride, token_stride, scale, scores,
-                               out + first);
+            attend_one_kv_head(query + first, kv, block_tables + (size_t)b * max_blocks,
+                               seq_lens[b], h, group, scale, scores, out + first);
         }
         free(scores);
     }
     return failed ? -1 : 0;
 }
 
+/* Write keys and values [T, Hkv, D] (rows ld_k and ld_v floats apart) to their slots, in
+   the cache's format: the write path of every step whose attention runs elsewhere. */
+void paged_kv_write(const paged_kv *kv, const float *key, long ld_k, const float *value, long ld_v,
+                    const int64_t *slots, int num_tokens) {
+    for (int t = 0; t < num_tokens; t++)
+        for (int h = 0; h < kv->num_kv_heads; h++) {
+            const size_t offset = (size_t)h * kv->head_dim;
+            store_head(kv->key, kv->key_scales, kv->key_scale, kv->format, (size_t)slots[t], h,
+                       kv->num_kv_heads, kv->head_dim, key + (size_t)t * ld_k + offset);
+            store_head(kv->value, kv->value_scales, kv->value_scale, kv->format, (size_t)slots[t],
+                       h, kv->num_kv_heads, kv->head_dim, value + (size_t)t * ld_v + offset);
+        }
+}
+
 /* A decode step's attention straight from the fused QKV projection, one token per sequence:
    q and k are rotated (rotate-half convention, as transformers' Llama: cos/sin rows hold
    both halves' angles), k and v are written to their cache slots, then each query attends
    as in paged_decode_attention. qkv rows are [q (Hq*D) | k (Hkv*D) | v (Hkv*D)], ld apart.
-   Return 0, or -1 when a buffer could not be allocated. */
+   Return 0, or -1 when a buffer could not be allocated, -2 for a head_dim too large. */
 int paged_decode_rope(const float *qkv, long ld, const float *cos, const float *sin,
-                      const int64_t *slots, float *key_cache, float *value_cache,
-                      const int64_t *block_tables, const int64_t *seq_lens, int num_seqs,
-                      int max_blocks, int block_size, int num_kv_heads, int group, int head_dim,
+                      const int64_t *slots, const paged_kv *kv, const int64_t *block_tables,
+                      const int64_t *seq_lens, int num_seqs, int max_blocks, int group,
                       float scale, float *out, int num_threads) {
+    const int num_kv_heads = kv->num_kv_heads, head_dim = kv->head_dim;
     const int num_heads = num_kv_heads * group, half = head_dim / 2;
+    if (head_dim > MAX_HEAD_DIM) return -2;
     const size_t q_size = (size_t)num_heads * head_dim, kv_size = (size_t)num_kv_heads * head_dim;
-    float *query = malloc(sizeof(float) * q_size * (num_seqs > 0 ? num_seqs : 1));
-    if (!query) return -1;
+    const size_t rows = num_seqs > 0 ? (size_t)num_seqs : 1;
+    float *query = malloc(sizeof(float) * q_size * rows), *key = malloc(sizeof(float) * kv_size * rows);
+    if (!query || !key) return free(query), free(key), -1;
     for (int b = 0; b < num_seqs; b++) {
         const float *row = qkv + (size_t)b * ld, *c = cos + (size_t)b * head_dim,
                     *s = sin + (size_t)b * head_dim;
-        float *key = key_cache + (size_t)slots[b] * kv_size;
         for (int h = 0; h < num_heads + num_kv_heads; h++) {
             const float *x = row + (size_t)h * head_dim;
             float *o = h < num_heads ? query + (size_t)b * q_size + (size_t)h * head_dim
-                                     : key + (size_t)(h - num_heads) * head_dim;
+                                     : key + (size_t)b * kv_size + (size_t)(h - num_heads) * head_dim;
             for (int i = 0; i < half; i++) {
                 const float first = x[i], second = x[i + half];
                 o[i] = first * c[i] - second * s[i];
                 o[i + half] = second * c[i + half] + first * s[i + half];
             }
         }
-        memcpy(value_cache + (size_t)slots[b] * kv_size, row + q_size + kv_size,
-               sizeof(float) * kv_size);
     }
-    int status = paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens,
-                                        num_seqs, max_blocks, block_size, num_kv_heads, group,
-                                        head_dim, scale, out, num_threads);
-    free(query);
+    paged_kv_write(kv, key, (long)kv_size, qkv + q_size + kv_size, ld, slots, num_seqs);
+    int status = paged_decode_attention(query, kv, block_tables, seq_lens, num_seqs, max_blocks,
+                                        group, scale, out, num_threads);
+    free(query), free(key);
     return status;
 }

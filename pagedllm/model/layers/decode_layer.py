@@ -15,7 +15,7 @@ import functools
 import torch
 
 from pagedllm import cpu_kernels
-from pagedllm.attention import AttentionMetadata, cpu_decode
+from pagedllm.attention import AttentionMetadata, KVCache, cpu_decode
 from pagedllm.model.layers import quantized
 from pagedllm.model.layers.quantized import QuantizedWeight
 
@@ -47,10 +47,8 @@ class _Layer(ctypes.Structure):
         ("num_heads", _INT),
         ("num_kv_heads", _INT),
         ("head_dim", _INT),
-        ("block_size", _INT),
         ("scale", _FLOAT),
-        ("key_cache", _PTR),
-        ("value_cache", _PTR),
+        ("kv", _PTR),
     ]
 
 
@@ -96,9 +94,8 @@ class DecodeLayer:
         norms: tuple[tuple[torch.Tensor, float], tuple[torch.Tensor, float]],
         num_heads: int,
         scale: float,
-        kv_cache: torch.Tensor,
+        kv_cache: KVCache,
     ) -> None:
-        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         (norm_1, eps_1), (norm_2, eps_2) = norms
         self.kv_cache = kv_cache  # kept alive while its address is in the struct
         self.struct = _Layer(
@@ -108,12 +105,10 @@ class DecodeLayer:
             eps_1,
             eps_2,
             num_heads,
-            num_kv_heads,
-            head_dim,
-            block_size,
+            kv_cache.num_kv_heads,
+            kv_cache.head_dim,
             scale,
-            kv_cache[0].data_ptr(),
-            kv_cache[1].data_ptr(),
+            cpu_decode.c_view(kv_cache),
         )
         self.pointer = ctypes.addressof(self.struct)
 

@@ -108,35 +108,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Applies rotary embeddings to q and k of a flat batch, indexed by position.
 
-    The table has `max_positions` rows, so positions must stay below it. Callers size it
-    by the longest sequence they run (the engine's max_model_len), not by the file's
-    context length, which a GGUF may set to 2²⁴ (a table of gigabytes).
+    The angles are computed per step from the step's positions (one float32 product per
+    position and frequency, as transformers computes them), not looked up in a table: a
+    table sized by the file's context length, which a GGUF may set to 2²⁴, costs
+    gigabytes, and a step's T × D/2 angles cost microseconds.
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        max_positions: int,
-        inv_freq: torch.Tensor,
-        attention_scaling: float = 1.0,
-    ) -> None:
+    def __init__(self, head_dim: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
         super().__init__()
         self.head_dim = head_dim
-        positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq.float())
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
+        self.attention_scaling = attention_scaling
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The angles' cosines and sines for `positions`, [T, 1, D]: looked up once per step
+        """The angles' cosines and sines for `positions`, [T, 1, D]: computed once per step
         and shared by every layer."""
-        return (
-            self.cos[positions].unsqueeze(1).to(dtype),
-            self.sin[positions].unsqueeze(1).to(dtype),
-        )
+        freqs = positions.to(torch.float32).unsqueeze(1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

@@ -97,8 +97,7 @@ def load_model(
     `exact_matmul` multiplies them in float32 from their exact values instead of with
     int8 activations, so the logits match a float32 reference (transformers).
     `max_model_len` (default: the model's context length) is the longest sequence the
-    caller will run: the rotary table gets that many positions, not the file's context
-    length, which can be 2²⁴. Longer than the context is a ValueError.
+    caller will run; longer than the context is a ValueError.
     """
     from pagedllm.model.models.registry import model_class_for
 
@@ -114,7 +113,6 @@ def load_model(
         dtype=dtype,
         device=device,
         exact_matmul=exact_matmul,
-        max_positions=max_model_len,
     )
     return module.eval()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagedllm.attention import AttentionMetadata, cpu_decode, paged_attention
+from pagedllm.attention import AttentionMetadata, KVCache, cpu_decode, paged_attention
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers import decode_layer
 from pagedllm.model.layers.activation import silu_and_mul
@@ -55,7 +55,7 @@ class LlamaAttention(nn.Module):
         self,
         hidden: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: torch.Tensor,
+        kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -90,7 +90,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: torch.Tensor,
+        kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta)
@@ -137,7 +137,7 @@ class LlamaDecoderLayer(nn.Module):
 
     _decode_call: decode_layer.DecodeLayer | None = None
 
-    def decode_call(self, kv_cache: torch.Tensor) -> decode_layer.DecodeLayer:
+    def decode_call(self, kv_cache: KVCache) -> decode_layer.DecodeLayer:
         """`fused_decode` as one C call, packed once per KV cache."""
         call = self._decode_call
         if call is None or call.kv_cache is not kv_cache:
@@ -151,7 +151,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: torch.Tensor,
+        kv_cache: KVCache,
         meta: AttentionMetadata,
         exact: bool,
     ) -> torch.Tensor:
@@ -187,7 +187,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
+        kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] for a flat batch; writes each layer's K/V to kv_caches."""
@@ -254,13 +254,11 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         exact_matmul: bool = False,
-        max_positions: int | None = None,
     ) -> None:
         """Check names and shapes against the config, fuse projections, move to device.
 
         Quantized weights (`QuantizedWeight`) stay as they are: fused layers stack their
-        parts' rows; `exact_matmul` is passed to every linear layer. The rotary table
-        covers positions below `max_positions` (default: the config's context length).
+        parts' rows; `exact_matmul` is passed to every linear layer.
         """
         check_shapes(self.expected_shapes(), {k: tuple(v.shape) for k, v in tensors.items()}, path)
         c = self.config
@@ -296,20 +294,17 @@ class LlamaForCausalLM(nn.Module):
             linear(layer.mlp.down_proj, [mlp + "down_proj.weight"])
             layer.input_layernorm.weight = dense(src + "input_layernorm.weight")
             layer.post_attention_layernorm.weight = dense(src + "post_attention_layernorm.weight")
-        positions = max_positions or c.max_position_embeddings
         rope_freqs = tensors.get("rope_freqs")
-        self.rotary = self._build_rotary(rope_freqs, path, positions).to(device)  # type: ignore[arg-type]
+        self.rotary = self._build_rotary(rope_freqs, path).to(device)  # type: ignore[arg-type]
         self.fused_decode = dtype == torch.float32 and all(
             layer.can_fuse_decode() for layer in self.layers
         )
         for layer in self.layers if self.fused_decode else ():
             layer.gather_decode_parts()
 
-    def _build_rotary(
-        self, rope_freqs: torch.Tensor | None, path: str | Path, max_positions: int
-    ) -> RotaryEmbedding:
-        """The cos/sin table for positions below `max_positions`; the scaling formulas still
-        see the config's own context length, so the angles do not depend on the table size."""
+    def _build_rotary(self, rope_freqs: torch.Tensor | None, path: str | Path) -> RotaryEmbedding:
+        """The rotary frequencies, with the scaling the config (or the file's rope_freqs)
+        asks for."""
         c = self.config
         try:
             inv_freq, scaling = rope_frequencies(
@@ -321,4 +316,4 @@ class LlamaForCausalLM(nn.Module):
             if rope_freqs.numel() != inv_freq.numel():
                 raise ModelLoadError(path, f"rope_freqs has {rope_freqs.numel()} entries")
             inv_freq = inv_freq / rope_freqs.float().flatten()
-        return RotaryEmbedding(c.head_dim, max_positions, inv_freq, scaling)
+        return RotaryEmbedding(c.head_dim, inv_freq, scaling)

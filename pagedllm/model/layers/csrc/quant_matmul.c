@@ -577,12 +577,11 @@ int dequantize_rows(int format, int half, const uint8_t *qs, const void *scales,
 /* ---- one decode layer in one call ------------------------------------------------------ */
 
 /* The attention of a decode-only step (paged_decode_rope in attention/csrc/paged_decode.c,
-   passed in by address so the two rooms stay apart). */
+   passed in by address so the two rooms stay apart; `kv` is its `paged_kv`, opaque here). */
 typedef int (*attention_fn)(const float *qkv, long ld, const float *cos, const float *sin,
-                            const int64_t *slots, float *key_cache, float *value_cache,
-                            const int64_t *block_tables, const int64_t *seq_lens, int num_seqs,
-                            int max_blocks, int block_size, int num_kv_heads, int group,
-                            int head_dim, float scale, float *out, int num_threads);
+                            const int64_t *slots, const void *kv, const int64_t *block_tables,
+                            const int64_t *seq_lens, int num_seqs, int max_blocks, int group,
+                            float scale, float *out, int num_threads);
 
 /* A repacked weight as quant_matmul takes it. */
 typedef struct {
@@ -597,9 +596,9 @@ typedef struct {
     packed_weight qkv, o, gate_up, down;
     const float *norm_1, *norm_2;
     float eps_1, eps_2;
-    int num_heads, num_kv_heads, head_dim, block_size;
+    int num_heads, num_kv_heads, head_dim;
     float scale;
-    float *key_cache, *value_cache;
+    const void *kv; /* the layer's KV cache (attention/csrc/paged_decode.c's paged_kv) */
 } decode_layer_t;
 
 /* What one step shares across layers: rotary angles and where each sequence's KV lives. */
@@ -630,10 +629,9 @@ int decode_layer(const decode_layer_t *l, const decode_step_t *s, float *hidden,
         status = product(&l->qkv, hidden, hidden_size, M, qkv, l->qkv.rows, exact, RMS_NORM,
                          l->norm_1, l->eps_1, 0, num_threads);
     if (!status)
-        status = attention(qkv, l->qkv.rows, s->cos, s->sin, s->slots, l->key_cache,
-                           l->value_cache, s->block_tables, s->seq_lens, M, s->max_blocks,
-                           l->block_size, l->num_kv_heads, l->num_heads / l->num_kv_heads,
-                           l->head_dim, l->scale, attn, num_threads);
+        status = attention(qkv, l->qkv.rows, s->cos, s->sin, s->slots, l->kv, s->block_tables,
+                           s->seq_lens, M, s->max_blocks, l->num_heads / l->num_kv_heads,
+                           l->scale, attn, num_threads);
     if (!status)
         status = product(&l->o, attn, q_size, M, hidden, hidden_size, exact, PLAIN, NULL, 0.f, 1,
                          num_threads);
