@@ -17,17 +17,31 @@ from tests.attention.kv_caches import FORMATS, random_cache
 PORTABLE_FLAGS = ("-O2", "-fopenmp", "-shared", "-fPIC", "-std=c11")  # no -march: no AVX2
 
 
-@pytest.fixture(scope="module")
-def portable_kernel(tmp_path_factory):
-    target = tmp_path_factory.mktemp("kernel") / "portable.so"
-    cpu_kernels.build(cpu_kernels.c_compiler(), cpu_decode.SOURCE, target, PORTABLE_FLAGS)
+def _kernel_built_with(directory, flags):
+    target = directory / "kernel.so"
+    cpu_kernels.build(cpu_kernels.c_compiler(), cpu_decode.SOURCE, target, flags)
     lib = ctypes.CDLL(str(target))
     return cpu_kernels.declare(lib, "paged_decode_attention", *cpu_decode.ARGTYPES)
 
 
-@pytest.fixture(params=["c-kernel", "torch-gather", "portable-c-kernel"])
+@pytest.fixture(scope="module")
+def portable_kernel(tmp_path_factory):
+    return _kernel_built_with(tmp_path_factory.mktemp("portable"), PORTABLE_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def avx2_kernel(tmp_path_factory):
+    """The AVX2 build (8-float vectors), where the CPU runs it: the best level here may be
+    AVX-512, whose 16-float path is the one the other fixtures test."""
+    if "avx2" not in cpu_kernels.supported_levels():
+        pytest.skip("this CPU has no AVX2")
+    return _kernel_built_with(tmp_path_factory.mktemp("avx2"), cpu_kernels.level_flags("avx2"))
+
+
+@pytest.fixture(params=["c-kernel", "torch-gather", "portable-c-kernel", "avx2-c-kernel"])
 def decode_calls(request, monkeypatch):
-    """Run decodes through the CPU kernel (as built here, or without -march), or torch.
+    """Run decodes through the CPU kernel (as built here, for AVX2, or without -march), or
+    torch.
 
     Yields the list of kernel calls (None on the torch path), for tests to check the
     kernel really ran.
@@ -39,8 +53,8 @@ def decode_calls(request, monkeypatch):
     kernel = cpu_decode.paged_decode_kernel()
     if kernel is None:
         pytest.skip("the C kernel does not build here")
-    if request.param == "portable-c-kernel":
-        kernel = request.getfixturevalue("portable_kernel")
+    if request.param in ("portable-c-kernel", "avx2-c-kernel"):
+        kernel = request.getfixturevalue(request.param.replace("-c-", "_"))
     calls: list[int] = []
     original = cpu_decode.paged_decode
 
@@ -70,7 +84,7 @@ def _case(seed: int):
     rand = lambda *s: int(torch.randint(s[0], s[1], (1,), generator=g))  # noqa: E731
     block_size = [1, 4, 16, 32][rand(0, 4)]
     num_kv_heads = rand(1, 4)
-    group = [1, 2, 3, 4][rand(0, 4)]
+    group = [1, 2, 3, 4, 5, 7][rand(0, 6)]  # past 4: the vector kernel takes 4 at a time
     head_dim = [8, 16, 64][rand(0, 3)]
     num_seqs = rand(1, 7)
     seq_lens = [rand(1, 90) for _ in range(num_seqs)]

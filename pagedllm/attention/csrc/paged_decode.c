@@ -235,8 +235,10 @@ static inline void prefetch_head(const paged_kv *kv, const void *half, size_t sl
 }
 
 /* One work item: the `group` query heads that share KV head h of one sequence. Pass 1
-   scores them against each of the sequence's keys, a softmax, pass 2 sums the values. */
-static void attend_one_kv_head(const float *q, const paged_kv *kv, const int64_t *table,
+   scores them against each of the sequence's keys, a softmax, pass 2 sums the values.
+   This is the plain version, for any head_dim and machine; attend_vector below is the
+   one that runs where the vector unit takes whole rows. */
+static void attend_scalar(const float *q, const paged_kv *kv, const int64_t *table,
                                int64_t len, int h, int group, float scale,
                                float *scores /* [group, len] */, float *o /* [group, D] */) {
     const int head_dim = kv->head_dim, block_size = kv->block_size, heads = kv->num_kv_heads;
@@ -270,6 +272,146 @@ static void attend_one_kv_head(const float *q, const paged_kv *kv, const int64_t
             for (int d = 0; d < head_dim; d++) og[d] += p * v[d];
         }
     }
+}
+
+#if defined(__AVX512F__)
+/* Vectors of 16 floats; a row's LANES elements widened from the cache's format. */
+#define LANES 16
+typedef __m512 vec;
+#define vzero _mm512_setzero_ps
+#define vset1 _mm512_set1_ps
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vfma _mm512_fmadd_ps
+#define vsum _mm512_reduce_add_ps
+static inline vec widen(const void *half, int format, size_t i) {
+    switch (format) {
+    case KV_F32: return _mm512_loadu_ps((const float *)half + i);
+    case KV_BF16:
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)half + i))), 16));
+    case KV_F16: return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)half + i)));
+    case KV_INT8:
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)half + i))));
+    default: {
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)((const uint8_t *)half + i)));
+        if (format == KV_FP8_E5M2) return _mm512_cvtph_ps(_mm256_slli_epi16(b, 8));
+        const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                          _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
+        return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
+    }
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LANES 8
+typedef __m256 vec;
+#define vzero _mm256_setzero_ps
+#define vset1 _mm256_set1_ps
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vfma _mm256_fmadd_ps
+static inline float vsum(vec v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+static inline vec widen(const void *half, int format, size_t i) {
+    switch (format) {
+    case KV_F32: return _mm256_loadu_ps((const float *)half + i);
+    case KV_BF16:
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)half + i))), 16));
+    case KV_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)half + i)));
+    case KV_INT8:
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)half + i))));
+    default: {
+        const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)((const uint8_t *)half + i)));
+        if (format == KV_FP8_E5M2) return _mm256_cvtph_ps(_mm_slli_epi16(b, 8));
+        const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                       _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+        return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
+    }
+    }
+}
+#endif
+
+#ifdef LANES
+/* attend_scalar's work with whole vectors, for head_dim a multiple of LANES: each key is
+   widened once for up to four query heads, whose dot products stay in registers; the
+   value pass walks the tokens once per LANES-wide slice of the output, its four
+   accumulators in registers (the scalar loop kept them in memory: a load and a store
+   per value and head). Measured on the 2-core Xeon: see BENCHMARKS.md (issue 14). */
+static void attend_vector(const float *q, const paged_kv *kv, const int64_t *table, int64_t len,
+                          int h, int group, float scale, float *scores, float *o) {
+    const int head_dim = kv->head_dim, block_size = kv->block_size, heads = kv->num_kv_heads,
+              format = kv->format;
+    for (int64_t t = 0; t < len; t++) {
+        if (t + AHEAD < len) prefetch_head(kv, kv->key, token_slot(table, t + AHEAD, block_size), h);
+        const size_t slot = token_slot(table, t, block_size);
+        const size_t first = (slot * (size_t)heads + (size_t)h) * (size_t)head_dim;
+        const float k_scale = scale * head_scale(kv->key_scales, kv->key_scale, slot, h, heads);
+        for (int g0 = 0; g0 < group; g0 += 4) {
+            const int n = group - g0 < 4 ? group - g0 : 4;
+            const float *q0 = q + (size_t)g0 * head_dim;
+            vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+            for (int d = 0; d < head_dim; d += LANES) {
+                const vec k = widen(kv->key, format, first + (size_t)d);
+                a0 = vfma(vload(q0 + d), k, a0);
+                if (n > 1) a1 = vfma(vload(q0 + head_dim + d), k, a1);
+                if (n > 2) a2 = vfma(vload(q0 + 2 * head_dim + d), k, a2);
+                if (n > 3) a3 = vfma(vload(q0 + 3 * head_dim + d), k, a3);
+            }
+            float *row = scores + (size_t)g0 * len + t;
+            row[0] = vsum(a0) * k_scale;
+            if (n > 1) row[len] = vsum(a1) * k_scale;
+            if (n > 2) row[2 * len] = vsum(a2) * k_scale;
+            if (n > 3) row[3 * len] = vsum(a3) * k_scale;
+        }
+    }
+    for (int g = 0; g < group; g++) softmax(scores + (size_t)g * len, len);
+    /* the values' scales folded into the probabilities once, not once per slice */
+    for (int64_t t = 0; t < len; t++) {
+        const size_t slot = token_slot(table, t, block_size);
+        const float v_scale = head_scale(kv->value_scales, kv->value_scale, slot, h, heads);
+        if (v_scale != 1.f)
+            for (int g = 0; g < group; g++) scores[(size_t)g * len + t] *= v_scale;
+    }
+    for (int g0 = 0; g0 < group; g0 += 4) {
+        const int n = group - g0 < 4 ? group - g0 : 4;
+        const float *p0 = scores + (size_t)g0 * len;
+        for (int d = 0; d < head_dim; d += LANES) {
+            vec o0 = vzero(), o1 = vzero(), o2 = vzero(), o3 = vzero();
+            for (int64_t t = 0; t < len; t++) {
+                const size_t slot = token_slot(table, t, block_size);
+                if (d == 0 && t + AHEAD < len)
+                    prefetch_head(kv, kv->value, token_slot(table, t + AHEAD, block_size), h);
+                const vec v = widen(kv->value, format,
+                                    (slot * (size_t)heads + (size_t)h) * (size_t)head_dim + (size_t)d);
+                o0 = vfma(vset1(p0[t]), v, o0);
+                if (n > 1) o1 = vfma(vset1(p0[len + t]), v, o1);
+                if (n > 2) o2 = vfma(vset1(p0[2 * len + t]), v, o2);
+                if (n > 3) o3 = vfma(vset1(p0[3 * len + t]), v, o3);
+            }
+            float *out = o + (size_t)g0 * head_dim + d;
+            vstore(out, o0);
+            if (n > 1) vstore(out + head_dim, o1);
+            if (n > 2) vstore(out + 2 * head_dim, o2);
+            if (n > 3) vstore(out + 3 * head_dim, o3);
+        }
+    }
+}
+#endif
+
+static inline void attend_one_kv_head(const float *q, const paged_kv *kv, const int64_t *table,
+                                      int64_t len, int h, int group, float scale, float *scores,
+                                      float *o) {
+#ifdef LANES
+    if (kv->head_dim % LANES == 0) {
+        attend_vector(q, kv, table, len, h, group, scale, scores, o);
+        return;
+    }
+#endif
+    attend_scalar(q, kv, table, len, h, group, scale, scores, o);
 }
 
 /* Return 0, -1 when a score buffer could not be allocated, -2 for a head_dim past
