@@ -2,7 +2,7 @@
 
 Every reader and writer goes through this object (the write of a step's keys and values,
 both attention paths, copy-on-write, the C kernels' view of it), so a storage format is
-one class here: float caches (the model's dtype, or bf16/f16), int8 with one scale per
+one class here: float caches (the model's dtype, or bf16/f16), int8 with one float16 scale per
 (token, KV head) stored beside its block, and fp8 (e4m3 / e5m2) with one scale per layer
 and half. Scales live with the blocks they describe, so copying a block copies them,
 and prefix caching, preemption and beam search need nothing of their own.
@@ -123,25 +123,29 @@ class KVCache:
 
 
 class Int8KVCache(KVCache):
-    """Symmetric int8 with one float32 scale per (token, KV head) and half: the scale is
-    the head's largest magnitude / 127, so each token keeps its own range."""
+    """Symmetric int8 with one float16 scale per (token, KV head) and half: the scale is
+    the head's largest magnitude / 127, so each token keeps its own range. A float16 scale
+    (11 bits, far finer than int8's steps) keeps a head of 64 values at 66 bytes: 1.94x a
+    bf16 cache's tokens, where float32 scales gave 1.88x."""
 
     def _init_scales(self) -> None:
         shape = self.data.shape[:-1]  # [2, num_blocks, block_size, num_kv_heads]
-        self.scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.scales = torch.zeros(shape, dtype=torch.float16, device=self.device)
 
     @classmethod
     def bytes_per_token(cls, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_kv_heads * (head_dim + 4)
+        return 2 * num_kv_heads * (head_dim + 2)
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, Hkv, D] → int8 values and float32 scales [T, Hkv] (the C write's rounding:
-        a true division, then nearest even)."""
+        """x [T, Hkv, D] → int8 values and float16 scales [T, Hkv], as the C write rounds:
+        the scale to float16 first, then a true division by it, nearest even, clamped."""
         x = x.float()
-        scale = x.abs().amax(dim=-1) / 127
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return torch.round(x / safe[..., None]).to(torch.int8), scale
+        scale = (x.abs().amax(dim=-1) / 127).to(torch.float16)
+        wide = scale.float()
+        safe = torch.where(wide > 0, wide, torch.ones_like(wide))
+        q = torch.round(x / safe[..., None]).clamp_(-127, 127)
+        return q.to(torch.int8), scale
 
     def write(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         for half, x in enumerate((key, value)):
@@ -152,12 +156,12 @@ class Int8KVCache(KVCache):
     def read(self, half: int, block_table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         values = self._stored(half, block_table).float()
         scales = self._gather(self.scales[half], block_table)
-        return (values * scales[..., None]).to(dtype)
+        return (values * scales[..., None].float()).to(dtype)
 
     def read_slots(self, half: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         values = self._stored_slots(half, slots).float()
         scales = self.scales[half].view(-1, self.num_kv_heads).index_select(0, slots)
-        return (values * scales[..., None]).to(dtype)
+        return (values * scales[..., None].float()).to(dtype)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         super().copy_blocks(src, dst)

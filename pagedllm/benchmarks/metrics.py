@@ -84,6 +84,7 @@ def engine_report(engine: Any, before: EngineCounters) -> dict[str, float | int]
         "kv_utilization_mean": stats.kv_utilization,
         "peak_running": stats.peak_running,
         "peak_kv_blocks": stats.peak_kv_blocks,
+        "kv_cache_tokens": engine.num_blocks * engine.args.block_size,
         "num_preemptions": counters.num_preemptions,
         "num_steps": stats.num_steps,
         "step_time_s": step,

@@ -250,6 +250,7 @@ def format_results(results: dict[str, Any]) -> str:
                 ("Mean KV utilization", _pct(r["kv_utilization_mean"])),
                 ("Peak running requests", f"{r['peak_running']}"),
                 ("Peak KV blocks in use", f"{r['peak_kv_blocks']}"),
+                ("KV-cache capacity (tokens)", f"{r['kv_cache_tokens']}"),
                 ("Preemptions", f"{r['num_preemptions']}"),
                 ("Steps", f"{r['num_steps']}"),
                 ("Step time outside the model", _pct(r["outside_model_share"])),

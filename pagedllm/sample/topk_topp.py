@@ -76,5 +76,5 @@ def random_sample(
     target = uniform * cumulative[:, -1:]
     chosen = torch.searchsorted(cumulative, target, right=True)
     # u * total can round up to the total: then take the last token with any probability
-    last = torch.searchsorted(cumulative, cumulative[:, -1:], right=False)
+    last = torch.searchsorted(cumulative, cumulative[:, -1:].contiguous(), right=False)
     return torch.minimum(chosen, last).squeeze(1)

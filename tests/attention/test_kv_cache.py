@@ -27,7 +27,7 @@ RELATIVE_ERROR = {
     "float32": 0.0,
     "bfloat16": 2**-8,
     "float16": 2**-11,
-    "int8": 0.5 / 127,
+    "int8": 0.5 / 127 * (1 + 2**-10),  # half a step of the float16-rounded scale
     "fp8_e4m3": 2**-4,
     "fp8_e5m2": 2**-3,
 }
@@ -74,8 +74,9 @@ def test_int8_keeps_a_scale_per_token_and_head():
     cache = Int8KVCache(1, 4, 3, 8, torch.int8)
     cache.write(x, x, torch.tensor([1, 3]))
     scales = cache.scales[0, 0]
-    assert scales[1].tolist() == pytest.approx([1 / 127, 100 / 127, 0.0])
-    assert scales[3].tolist() == pytest.approx([0.0, 0.0, 0.01 / 127])
+    assert scales.dtype == torch.float16
+    assert scales[1].tolist() == pytest.approx([1 / 127, 100 / 127, 0.0], rel=2**-11)
+    assert scales[3].tolist() == pytest.approx([0.0, 0.0, 0.01 / 127], rel=2**-11)
     assert cache.data[0, 0, 3, 2].tolist() == [-127] * 8
 
 
@@ -114,9 +115,9 @@ def test_quantized_formats_fit_about_four_times_the_tokens():
         return cls.bytes_per_token(3, 64, dtype)
 
     float32 = per_token("float32")
-    assert float32 / per_token("int8") >= 3.5  # the scale costs 4 of 68 bytes a head
+    assert float32 / per_token("int8") >= 3.85  # the scale costs 2 of 66 bytes a head
     assert float32 / per_token("fp8") == float32 / per_token("fp8_e5m2") == 4
-    assert per_token("bfloat16") / per_token("int8") >= 1.85
+    assert per_token("bfloat16") / per_token("int8") >= 1.9
     assert per_token("bfloat16") / per_token("fp8") == 2
     assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert set(KV_CACHE_DTYPES) == set(DTYPE_OF_NAME)  # the flag's choices all resolve

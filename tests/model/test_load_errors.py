@@ -108,5 +108,6 @@ def test_inspect_shows_the_facts(default_model_path, capsys):
         "eos token           2 '<|im_end|>'",
         "chat template       yes",
         "float32: 46,080",
+        "int8: 11,880",
     ):
         assert fact in out, out

@@ -31,12 +31,12 @@ enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_INT8 = 3, KV_FP8_E4M3 = 4, KV_FP8
 #define MAX_HEAD_DIM 256
 
 /* One layer's cache as the kernels read and write it: two halves of
-   [num_blocks, block_size, Hkv, D] elements of `format`; for int8 one float scale per
+   [num_blocks, block_size, Hkv, D] elements of `format`; for int8 one float16 scale per
    (slot, KV head) in each half's scales, for fp8 one scale per half (values are stored
    divided by it). */
 typedef struct {
     void *key, *value;
-    float *key_scales, *value_scales;
+    uint16_t *key_scales, *value_scales;
     float key_scale, value_scale;
     int format, block_size, num_kv_heads, head_dim;
 } paged_kv;
@@ -141,7 +141,7 @@ static inline uint16_t float_to_half(float x) {
 }
 
 /* Store x [head_dim] as head h of slot `slot` in one half of the cache, in its format. */
-static void store_head(void *half, float *scales, float layer_scale, int format, size_t slot, int h,
+static void store_head(void *half, uint16_t *scales, float layer_scale, int format, size_t slot, int h,
                        int num_kv_heads, int head_dim, const float *x) {
     const size_t first = (slot * (size_t)num_kv_heads + (size_t)h) * (size_t)head_dim;
     if (format == KV_F32) {
@@ -160,9 +160,13 @@ static void store_head(void *half, float *scales, float layer_scale, int format,
         int8_t *dst = (int8_t *)half + first;
         float amax = 0.f;
         for (int d = 0; d < head_dim; d++) amax = fabsf(x[d]) > amax ? fabsf(x[d]) : amax;
-        const float scale = amax / 127.f;
-        for (int d = 0; d < head_dim; d++) dst[d] = scale > 0.f ? (int8_t)nearbyintf(x[d] / scale) : 0;
-        scales[slot * (size_t)num_kv_heads + (size_t)h] = scale;
+        const uint16_t stored = float_to_half(amax / 127.f); /* quantize by the stored scale */
+        const float scale = half_to_float(stored);
+        for (int d = 0; d < head_dim; d++) {
+            const float q = scale > 0.f ? nearbyintf(x[d] / scale) : 0.f;
+            dst[d] = (int8_t)(q > 127.f ? 127.f : q < -127.f ? -127.f : q);
+        }
+        scales[slot * (size_t)num_kv_heads + (size_t)h] = stored;
     } else {
         uint8_t *dst = (uint8_t *)half + first;
         for (int d = 0; d < head_dim; d++) dst[d] = float_to_fp8(x[d] / layer_scale, format);
@@ -170,9 +174,15 @@ static void store_head(void *half, float *scales, float layer_scale, int format,
 }
 
 /* A slot's scale in one half: int8's per (slot, head), else the layer's. */
-static inline float head_scale(const float *scales, float layer_scale, size_t slot, int h,
+static inline float head_scale(const uint16_t *scales, float layer_scale, size_t slot, int h,
                                int num_kv_heads) {
-    return scales ? scales[slot * (size_t)num_kv_heads + (size_t)h] : layer_scale;
+    if (!scales) return layer_scale;
+    const uint16_t stored = scales[slot * (size_t)num_kv_heads + (size_t)h];
+#if defined(__F16C__)
+    return _cvtsh_ss(stored);
+#else
+    return half_to_float(stored);
+#endif
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
