@@ -519,7 +519,12 @@ async def run_load(
     """Warm up, load, then check the server is idle, as big as before and still right."""
     rng = random.Random(seed)
     report = LoadReport()
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # Reuse a connection only while it is fresh: uvicorn closes one idle for 5 s, and a
+    # request sent on it just then fails with a ReadError that no server could avoid
+    # (seen once in a clean-clone run, on a connection idle since the warm-up).
+    limits = httpx.Limits(
+        max_connections=clients + 4, max_keepalive_connections=clients + 4, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(base_url=server.url, timeout=timeout, limits=limits) as client:
         before = await greedy_text(client)
         # Warm-up at full concurrency, so the allocator has seen the biggest batches,
@@ -566,7 +571,9 @@ async def run_load(
         )
     failures = [o for o in report.warm_bad + report.outcomes if o.failed]
     for o in failures[:10]:
-        report.problems.append(f"request failed: {o.kind} {o.detail}")
+        report.problems.append(
+            f"request failed: {o.kind} {o.detail} (request: {o.malformed or 'good'})"
+        )
     if len(failures) > 10:
         report.problems.append(f"... and {len(failures) - 10} more failed requests")
     if report.rss_after_mib > report.rss_warm_mib * (1 + RSS_TOLERANCE):
