@@ -6,8 +6,10 @@ field and the value, so the rest of the engine can trust what it is given.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 SCHEDULER_POLICIES = ("fcfs", "priority")
 
@@ -87,6 +89,55 @@ def _check_bool(name: str, value: object) -> None:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # vLLM's names; fp8 means e4m3; auto: the model's dtype (attention/kv_cache.py maps them)
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, in vLLM's shape: `{"method": "ngram", "num_speculative_tokens":
+    4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}` (a dict, or that JSON as text)."""
+
+    method: str
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative_config method must be one of {SPECULATIVE_METHODS}, "
+                f"got {self.method!r}"
+            )
+        _check_int("num_speculative_tokens", self.num_speculative_tokens, minimum=1, maximum=16)
+        _check_int("prompt_lookup_min", self.prompt_lookup_min, minimum=1, maximum=64)
+        _check_int("prompt_lookup_max", self.prompt_lookup_max, minimum=1, maximum=64)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"prompt_lookup_min ({self.prompt_lookup_min}) is more than "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | None) -> SpeculativeConfig | None:
+        """From `--speculative-config`'s JSON or `LLM(speculative_config=...)`'s dict."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+        fields = set(cls.__dataclass_fields__)
+        unknown = set(value) - fields
+        if unknown or "method" not in value:
+            raise ValueError(
+                f"speculative_config takes {sorted(fields)} (method required), got {sorted(value)}"
+            )
+        return cls(**value)
+
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -115,6 +166,7 @@ class EngineArgs:
     seed: int = 0
     exact_matmul: bool = False
     threads: int | None = None  # None: every core the process may run on
+    speculative_config: str | dict[str, Any] | None = None  # see SpeculativeConfig
 
     def __post_init__(self) -> None:
         _check_bool("exact_matmul", self.exact_matmul)
@@ -138,6 +190,7 @@ class EngineArgs:
                 f"kv_cache_memory must be a positive number of GiB, got {self.kv_cache_memory!r}"
             )
         # the parts validate themselves
+        self.speculative = SpeculativeConfig.parse(self.speculative_config)
         self.cache_config(num_blocks=self.num_kv_blocks)
         self.scheduler_config(self.max_model_len or 2**20)
 
@@ -182,6 +235,8 @@ ENGINE_ARG_HELP = {
     "max_waiting": "most requests waiting; more are refused, by the server with 503 "
     "(default: unbounded; 1024 for serve)",
     "seed": "seed of the engine's shared random stream",
+    "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", '
+    '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\'',
     "exact_matmul": "multiply quantized GGUF weights in float32 from their exact values "
     "(matches transformers; default: int8 activations, a scale per 16 values, as llama.cpp)",
     "threads": "CPU threads for kernels and torch (default: every core this process may use)",

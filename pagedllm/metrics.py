@@ -51,6 +51,21 @@ _ENGINE_METRICS = {
         "counter",
         "Prompt tokens found in the prefix cache, cumulative.",
     ),
+    "spec_decode_num_drafts": (
+        "spec_decode_num_drafts",
+        "counter",
+        "Speculative steps verified (one per request with drafts), cumulative.",
+    ),
+    "spec_decode_num_draft_tokens": (
+        "spec_decode_num_draft_tokens",
+        "counter",
+        "Draft tokens verified, cumulative.",
+    ),
+    "spec_decode_num_accepted_tokens": (
+        "spec_decode_num_accepted_tokens",
+        "counter",
+        "Draft tokens accepted, cumulative.",
+    ),
 }
 
 
@@ -174,10 +189,15 @@ class StatsLine:
             return None
         queries = grew("prefix_cache_queries")
         hit_rate = grew("prefix_cache_hits") / queries if queries else 0.0
-        return (
+        line = (
             f"Avg prompt throughput: {prompt / elapsed:.1f} tokens/s, "
             f"Avg generation throughput: {generated / elapsed:.1f} tokens/s, "
             f"Running: {running:.0f} reqs, Waiting: {waiting:.0f} reqs, "
             f"KV cache usage: {100 * stats.get('kv_cache_usage_perc', 0):.1f}%, "
             f"Prefix cache hit rate: {100 * hit_rate:.1f}%"
         )
+        drafted = grew("spec_decode_num_draft_tokens")
+        if drafted:
+            accepted = grew("spec_decode_num_accepted_tokens")
+            line += f", Draft acceptance rate: {100 * accepted / drafted:.1f}%"
+        return line

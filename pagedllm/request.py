@@ -68,6 +68,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None  # the stop token id or stop string
     num_preemptions: int = 0
+    # Draft tokens proposed for the next step (speculative decoding): scheduled after the
+    # last token and verified by the step; never part of the sequence until accepted.
+    spec_token_ids: list[int] = field(default_factory=list, repr=False)
     all_token_ids: list[int] = field(init=False, repr=False)
     _max_tokens: int | None = field(default=None, init=False, repr=False)
 

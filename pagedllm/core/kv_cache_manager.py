@@ -266,6 +266,21 @@ class KVCacheManager:
             cache(seq.blocks[i], hashes[i])
         seq.num_cached_blocks = num_full
 
+    def rollback(self, request_id: str, num_tokens: int) -> None:
+        """Shrink a sequence to its first ``num_tokens`` slots: what speculation keeps once
+        its rejected drafts are dropped. Blocks past them go back to the pool (allocated
+        in the verifying step and never cached: ``cache_blocks`` runs after this); a
+        partly rejected last block is simply overwritten later."""
+        seq = self._seqs.get(request_id)
+        if seq is None or num_tokens >= seq.num_tokens:
+            return
+        keep = self.num_blocks_for(num_tokens)
+        require(keep >= seq.num_cached_blocks, f"{request_id!r}: rollback into cached blocks")
+        dropped = seq.blocks[keep:]
+        del seq.blocks[keep:], seq.block_ids[keep:]
+        seq.num_tokens = num_tokens
+        self.block_pool.free_blocks(reversed(dropped))
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write copies (source, destination) to perform before the next step.
 

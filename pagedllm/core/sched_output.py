@@ -13,7 +13,9 @@ class ScheduledRequest:
     ``num_computed_tokens_before + num_new_tokens - 1``. ``is_prefill_chunk`` is
     True when tokens remain to be computed after this step: no token is sampled
     for the request (a partial prefill). Otherwise the request samples from the
-    logits of its last scheduled position.
+    logits of its last scheduled position. The last ``num_draft_tokens`` of
+    ``token_ids`` are speculative drafts: the step verifies them (one logits row per
+    scheduled position) and the request keeps the computed KV of the accepted ones only.
     """
 
     request_id: str
@@ -22,6 +24,7 @@ class ScheduledRequest:
     new_block_ids: list[int]  # appended to the block table this step (new request: all)
     is_prefill_chunk: bool
     token_ids: list[int]  # the tokens whose KV this step computes
+    num_draft_tokens: int = 0
 
     @property
     def samples(self) -> bool:

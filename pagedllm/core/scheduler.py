@@ -149,7 +149,19 @@ class Scheduler:
             elif num_new <= 0:
                 i += 1
                 continue
-            new_ids = allocate_slots(request, num_new)
+            drafts = request.spec_token_ids
+            num_drafts = 0
+            if drafts:
+                request.spec_token_ids = []
+                if num_new == 1:
+                    num_drafts = self._num_drafts(request, len(drafts), budget - 1)
+                    new_ids = allocate_slots(request, 1 + num_drafts) if num_drafts else None
+                    if new_ids is None:
+                        num_drafts = 0  # no room for them: decode plainly
+                    else:
+                        num_new = 1 + num_drafts
+            if not num_drafts:
+                new_ids = allocate_slots(request, num_new)
             while new_ids is None:
                 victim_index = self._victim_index()
                 victim = running.pop(victim_index)
@@ -167,7 +179,8 @@ class Scheduler:
             if new_ids is None:
                 continue  # the request preempted itself; running[i] is the next one
             after = before + num_new
-            request.num_computed_tokens = after
+            # Drafts count as computed only once verified (update_from_output).
+            request.num_computed_tokens = after - num_drafts
             tokens = request.all_token_ids
             scheduled.append(
                 ScheduledRequest(
@@ -175,8 +188,9 @@ class Scheduler:
                     num_new,
                     before,
                     new_ids,
-                    after < len(tokens),
-                    tokens[before:after],
+                    after - num_drafts < len(tokens),
+                    tokens[before : after - num_drafts] + drafts[:num_drafts],
+                    num_drafts,
                 )
             )
             num_scheduled[request.request_id] = num_new
@@ -250,6 +264,16 @@ class Scheduler:
             request.all_token_ids[before:after],
         )
 
+    @staticmethod
+    def _num_drafts(request: Request, proposed: int, budget: int) -> int:
+        """How many of a decoding request's drafts to verify: within the step's budget,
+        and never more than its remaining output allows (one token always comes from the
+        step itself), so a verified step cannot pass max_tokens or the context."""
+        max_tokens = request.max_tokens
+        assert max_tokens is not None
+        room = max_tokens - request.num_output_tokens - 1
+        return max(0, min(proposed, budget, room))
+
     def _victim_index(self) -> int:
         """Index in ``running`` of the request to preempt next."""
         running = self.running
@@ -295,15 +319,27 @@ class Scheduler:
             request = requests.get(request_id)
             if request is None or request.status is not running:
                 continue  # aborted since the step was scheduled
-            num_computed = request.num_computed_tokens
-            cache_blocks(request, num_computed)
-            if num_computed < len(request.all_token_ids):
-                continue
-            for token_id in sampled_token_ids.get(request_id, ()):
+            sampled = sampled_token_ids.get(request_id, ())
+            if sched.num_draft_tokens:
+                # Keep the KV of the last token and of the accepted drafts: the tokens
+                # the step emits, but the last one, which is not computed yet. Their
+                # blocks are cached below, once the drafts are part of the sequence.
+                request.num_computed_tokens = sched.num_computed_tokens_before + max(
+                    1, len(sampled)
+                )
+                self.kv_cache_manager.rollback(request_id, request.num_computed_tokens)
+            else:
+                num_computed = request.num_computed_tokens
+                cache_blocks(request, num_computed)
+                if num_computed < len(request.all_token_ids):
+                    continue
+            for token_id in sampled:
                 request.append_output_token_ids(token_id)
                 if request.check_stop(max_len):
                     finished.append(request)
                     break
+            if sched.num_draft_tokens:
+                cache_blocks(request, min(request.num_computed_tokens, request.num_tokens))
         if finished:
             for request in finished:
                 self._release(request)

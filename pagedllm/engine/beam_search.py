@@ -79,6 +79,11 @@ def beam_search(
         raise ValueError("params must be a BeamSearchParams")
     if engine.has_unfinished_requests():
         raise RuntimeError("beam_search needs an idle engine: other requests are in flight")
+    if engine.proposer is not None:
+        raise ValueError(
+            "beam search does not run with speculative decoding: start the engine without "
+            "speculative_config"
+        )
     tokenized = [engine.tokenize_prompt(p) for p in prompts]
     sampling = SamplingParams(
         temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True, skip_special_tokens=True

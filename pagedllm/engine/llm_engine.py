@@ -28,6 +28,7 @@ from pagedllm.model.loader import load_model, resolve_model_path
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.spec_decode import NgramProposer, SpecDecodeStats
 from pagedllm.tokenizer import load_tokenizer
 from pagedllm.worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for_memory
 from pagedllm.worker.model_runner import ModelRunner, SampledRow
@@ -128,6 +129,9 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.step_stats = StepStats()
+        speculative = args.speculative
+        self.proposer = NgramProposer(speculative) if speculative is not None else None
+        self.spec_stats = SpecDecodeStats()
         # PAGEDLLM_DEBUG_INVARIANTS=1: re-check the bookkeeping after every step and abort.
         self.debug_invariants = debug_invariants_enabled()
 
@@ -242,9 +246,14 @@ class LLMEngine:
         ended_at_fork: dict[str, Request] = {}
         for parent_id in num_samples:
             ended_at_fork |= self._fork(parent_id, sampled)
+        verified = {rid: requests[rid] for rid, row in sampled.items() if len(row.token_ids) > 1}
+        emitted_before = {rid: r.num_output_tokens for rid, r in verified.items()}
         finished = scheduler.update_from_output(
             sched, {rid: row.token_ids for rid, row in sampled.items()}
         )
+        for rid, request in verified.items():
+            # a stop (or max_tokens) inside the accepted drafts ends the output there
+            sampled[rid].keep(request.num_output_tokens - emitted_before[rid])
         finished_by_id = {r.request_id: r for r in finished}
         finished_by_id.update(ended_at_fork)
         processed = self.output_processor.process(
@@ -263,10 +272,25 @@ class LLMEngine:
             for r in scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED):
                 r.stop_reason = "stop string"
         self.runner.release([*finished_by_id, *stopped])
+        if self.proposer is not None:
+            self._speculate(sched, sampled, [*finished_by_id, *stopped])
         self.step_stats.add_step(start, scheduled_at, executed_at, time.perf_counter())
         if self.debug_invariants:
             self.check_invariants()
         return outputs
+
+    def _speculate(
+        self, sched: SchedulerOutput, sampled: dict[str, SampledRow], ended: list[str]
+    ) -> None:
+        """Count the step's verified drafts, then draft for the next step."""
+        assert self.proposer is not None
+        for s in sched.scheduled_requests:
+            if s.num_draft_tokens and s.request_id in sampled:
+                accepted = len(sampled[s.request_id].token_ids) - 1
+                self.spec_stats.observe(s.num_draft_tokens, accepted)
+                self.proposer.observe(s.request_id, s.num_draft_tokens, accepted)
+        self.proposer.release(ended)
+        self.proposer.propose(self.scheduler.running)
 
     def check_invariants(self) -> None:
         """Raise InvariantError unless the scheduler, its blocks and the runner agree."""
@@ -334,4 +358,7 @@ class LLMEngine:
             "generation_tokens_total": self.generation_tokens_total,
             "num_kv_blocks": self.num_blocks,
             "num_free_kv_blocks": self.scheduler.kv_cache_manager.get_num_free_blocks(),
+            "spec_decode_num_drafts": self.spec_stats.num_drafts,
+            "spec_decode_num_draft_tokens": self.spec_stats.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": self.spec_stats.num_accepted_tokens,
         }

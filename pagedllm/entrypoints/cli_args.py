@@ -49,7 +49,7 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
             continue
         flag = "--" + field.name.replace("_", "-")
         help_text = ENGINE_ARG_HELP[field.name]
-        tp = _scalar(hints[field.name])
+        tp = str if field.name == "speculative_config" else _scalar(hints[field.name])
         if tp is bool:
             group.add_argument(
                 flag,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +19,18 @@ from pagedllm.worker.kv_cache import copy_blocks
 
 @dataclass
 class SampledRow:
-    """What one request sampled this step (n > 1 prefills sample n tokens at once)."""
+    """What one request sampled this step (n > 1 prefills sample n tokens at once; a
+    verification emits its accepted drafts and one more)."""
 
     token_ids: list[int]
     # per token: (top ids, top logprobs, sampled logprob, sampled rank)
     logprobs: list[tuple[list[int], list[float], float, int]] | None = None
+
+    def keep(self, count: int) -> None:
+        """Drop all but the first `count` tokens (those the sequence took)."""
+        del self.token_ids[count:]
+        if self.logprobs is not None:
+            del self.logprobs[count:]
 
 
 @dataclass
@@ -113,16 +121,28 @@ class ModelRunner:
         seq_lens, query_lens, tables = [], [], []
         for s in scheduled:
             input_ids.extend(s.token_ids)
-            seq_lens.append(s.num_computed_tokens_before + s.num_new_tokens)
+            end = s.num_computed_tokens_before + s.num_new_tokens
+            table = output.block_tables[s.request_id]
+            if s.num_draft_tokens:
+                # Verification as decode rows, one per position, each seeing the keys up
+                # to its own: the decode kernels then compute each position exactly as a
+                # plain decode step would have (the same greedy tokens, bit for bit).
+                first = end - s.num_draft_tokens
+                seq_lens.extend(range(first, end + 1))
+                query_lens.extend([1] * (s.num_draft_tokens + 1))
+                tables.extend([table] * (s.num_draft_tokens + 1))
+                continue
+            seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
-            tables.append(output.block_tables[s.request_id])
+            tables.append(table)
         meta = AttentionMetadata.build(seq_lens, query_lens, tables, self.block_size, self.device)
         ids = torch.tensor(input_ids, device=self.device)
         with self.forward_timer:
             hidden = self.model(ids, meta.positions, self.kv_caches, meta)
-        prompt_logprobs = self._prompt_logprobs(output, requests, hidden, meta)
+        starts = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
+        prompt_logprobs = self._prompt_logprobs(output, requests, hidden, starts)
         return RunnerOutput(
-            self._sample(output, requests, hidden, meta, num_samples), prompt_logprobs
+            self._sample(output, requests, hidden, starts, num_samples), prompt_logprobs
         )
 
     def _sample(
@@ -130,38 +150,50 @@ class ModelRunner:
         output: SchedulerOutput,
         requests: dict[str, Request],
         hidden: torch.Tensor,
-        meta: AttentionMetadata,
+        starts: list[int],
         num_samples: dict[str, int] | None,
     ) -> dict[str, SampledRow]:
-        # logits only for the rows that sample: each sampling request's last token
+        # logits only for the rows that sample: each sampling request's last token, and
+        # for a request verifying k drafts its k + 1 last positions
         scheduled = output.scheduled_requests
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         if not sampling:
             return {}
-        last_rows = meta.query_start_loc[1:][sampling] - 1
+        positions: list[int] = []
+        for i in sampling:
+            k = scheduled[i].num_draft_tokens
+            positions.extend(range(starts[i + 1] - 1 - k, starts[i + 1]))
         with self.forward_timer:  # the LM head is model compute too
-            logits = self.model.compute_logits(hidden[last_rows])
+            logits = self.model.compute_logits(hidden[torch.tensor(positions)])
 
         rows: list[RowSamplingState] = []
         row_logits: list[int] = []
-        owners: list[str] = []
-        for j, i in enumerate(sampling):
-            request = requests[scheduled[i].request_id]
+        owners: list[tuple[str, list[int] | None]] = []  # request, the drafts a row checks
+        first_row = 0
+        for i in sampling:
+            s = scheduled[i]
+            request = requests[s.request_id]
             # the n first draws of an n > 1 request all come from its prompt's row and,
             # when seeded, from its one stream, advanced draw after draw
             generator = self.generator_for(request)
-            for _ in range((num_samples or {}).get(request.request_id, 1)):
-                rows.append(
-                    RowSamplingState(
-                        params=request.sampling_params,
-                        prompt_token_ids=request.prompt_token_ids,
-                        output_token_ids=request.output_token_ids,
-                        eos_token_id=request.eos_token_id,
-                        generator=generator,
+            drafts = s.token_ids[len(s.token_ids) - s.num_draft_tokens :]
+            for j in range(s.num_draft_tokens + 1):
+                # row j predicts the token after drafts[:j]: sampled as if they were output
+                history = request.output_token_ids + drafts[:j] if j else request.output_token_ids
+                draws = 1 if drafts else (num_samples or {}).get(request.request_id, 1)
+                for _ in range(draws):
+                    rows.append(
+                        RowSamplingState(
+                            params=request.sampling_params,
+                            prompt_token_ids=request.prompt_token_ids,
+                            output_token_ids=history,
+                            eos_token_id=request.eos_token_id,
+                            generator=generator,
+                        )
                     )
-                )
-                row_logits.append(j)
-                owners.append(request.request_id)
+                    row_logits.append(first_row + j)
+                    owners.append((request.request_id, drafts[j:] if drafts else None))
+            first_row += s.num_draft_tokens + 1
         if len(row_logits) != logits.shape[0]:
             logits = logits[torch.tensor(row_logits, device=logits.device)]
         meta_s = SamplingMetadata.from_requests(rows, self.vocab_size, self.device)
@@ -169,11 +201,19 @@ class ModelRunner:
         tokens = out.sampled_token_ids.tolist()
         logprob_rows = _logprob_rows(out.logprobs)
         result: dict[str, SampledRow] = {}
-        for row, request_id in enumerate(owners):
+        verified: set[str] = set()  # requests whose verification already ended
+        for row, (request_id, drafts) in enumerate(owners):
+            if request_id in verified:
+                continue
+            token, accepted = tokens[row], False
+            if drafts:
+                token, accepted = verify_draft(token, drafts[0])
             sampled = result.setdefault(request_id, SampledRow([], [] if logprob_rows else None))
-            sampled.token_ids.append(tokens[row])
+            sampled.token_ids.append(token)
             if logprob_rows is not None and sampled.logprobs is not None:
                 sampled.logprobs.append(logprob_rows[row])
+            if drafts is not None and not accepted:  # the first miss, or the bonus row
+                verified.add(request_id)
         return result
 
     def _prompt_logprobs(
@@ -181,11 +221,11 @@ class ModelRunner:
         output: SchedulerOutput,
         requests: dict[str, Request],
         hidden: torch.Tensor,
-        meta: AttentionMetadata,
+        starts: list[int],
     ) -> dict[str, PromptLogprobsChunk]:
-        """Score the prompt tokens each asking request's chunk predicts this step."""
+        """Score the prompt tokens each asking request's chunk predicts this step
+        (`starts`: each scheduled request's first row in `hidden`)."""
         chunks: dict[str, PromptLogprobsChunk] = {}
-        starts = meta.query_start_loc.tolist() if output.scheduled_requests else []
         for i, s in enumerate(output.scheduled_requests):
             request = requests[s.request_id]
             num = request.sampling_params.prompt_logprobs
@@ -204,6 +244,15 @@ class ModelRunner:
                 rows.extend(compute_prompt_logprobs(logits, ids, num).tolist())
             chunks[s.request_id] = PromptLogprobsChunk(start, rows)
         return chunks
+
+
+def verify_draft(sampled: int, draft: int) -> tuple[int, bool]:
+    """What a verification row emits, and whether its draft stands: the row's own draw,
+    accepted when it equals the draft. For a draft that is one token with certainty
+    (n-gram) this is exact rejection sampling: the draft is kept with probability p(d),
+    and otherwise a token is emitted from p without d, renormalised. So the output
+    distribution is the target's, greedy or sampled, whatever its processing."""
+    return sampled, sampled == draft
 
 
 def _logprob_rows(

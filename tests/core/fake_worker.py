@@ -44,31 +44,40 @@ class FakeWorker:
             assert table == kv.get_block_ids(sched.request_id)
             start = sched.num_computed_tokens_before
             end = start + sched.num_new_tokens
-            assert sched.token_ids == request.all_token_ids[start:end]
+            known = end - sched.num_draft_tokens  # drafts follow the sequence's own tokens
+            assert sched.token_ids[: known - start] == request.all_token_ids[start:known]
+            assert known == start + 1 or not sched.num_draft_tokens, "drafts only on a decode"
             assert len(table) * size >= end, "too few blocks for the scheduled tokens"
             for pos in range(start, end):
                 block = blocks[table[pos // size]]
                 assert block.ref_cnt == 1, f"write into shared {block}"
                 assert block.block_hash is None, f"write into cached {block}"
-                self.slots[block.block_id][pos % size] = request.all_token_ids[pos]
+                self.slots[block.block_id][pos % size] = sched.token_ids[pos - start]
         # Reads after all writes: a request may read KV another wrote this step.
         for sched in output.scheduled_requests:
             request = self.scheduler.get_request(sched.request_id)
             assert request is not None
             table = output.block_tables[sched.request_id]
             end = sched.num_computed_tokens_before + sched.num_new_tokens
+            drafts = sched.token_ids[len(sched.token_ids) - sched.num_draft_tokens :]
             seen = [self.slots[table[p // size]][p % size] for p in range(end)]
-            assert seen == request.all_token_ids[:end], f"{sched.request_id} reads wrong KV"
+            assert seen == request.all_token_ids[: end - len(drafts)] + drafts, (
+                f"{sched.request_id} reads wrong KV"
+            )
             if not sched.is_prefill_chunk:
-                assert end == request.num_tokens
+                assert end - len(drafts) == request.num_tokens
                 forced = self.next_tokens.get(sched.request_id)
                 token = forced.pop(0) if forced else self.rng.randrange(self.vocab_size)
-                sampled[sched.request_id] = [token]
+                # a verification keeps a random number of drafts, then its own token
+                accepted = drafts[: self.rng.randint(0, len(drafts))]
+                sampled[sched.request_id] = [*accepted, token]
         return sampled
 
-    def record_chains(self) -> None:
-        """Remember the content of every full block of every live request, by hash."""
-        for request in self.scheduler.requests.values():
+    def record_chains(self, also: list | None = None) -> None:
+        """Remember the content of every full block of every live request (and of
+        `also`: requests that just finished, whose last blocks were cached as they
+        finished), by hash."""
+        for request in [*self.scheduler.requests.values(), *(also or ())]:
             tokens = request.all_token_ids
             hashes = hash_request_tokens(tokens, self.block_size, request_extra_keys(request))
             for i, block_hash in enumerate(hashes):
@@ -89,7 +98,7 @@ class FakeWorker:
         sampled = self.execute(output)
         finished = self.scheduler.update_from_output(output, sampled)
         self.scheduler.check_invariants()
-        self.record_chains()
+        self.record_chains(finished)
         self.check_cached_blocks()
         self.last_output = output
         return finished

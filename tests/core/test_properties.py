@@ -335,10 +335,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             # Only a child that has already reached max_tokens may be refused.
             assert parent.num_output_tokens >= (parent.max_tokens or 0)
 
+    @rule(data=st.data(), drafts=st.lists(st.integers(0, 9), min_size=1, max_size=5))
+    def draft(self, data: st.DataObject, drafts: list[int]) -> None:
+        """Speculative drafts for a request: verified next step with a random accepted
+        count (FakeWorker); the rejected ones' slots must never count as computed."""
+        if self.scheduler.running:
+            data.draw(st.sampled_from(self.scheduler.running)).spec_token_ids = drafts
+
     @invariant()
     def consistent(self) -> None:
         self.scheduler.check_invariants()
         self.worker.check_cached_blocks()
+        for request in self.scheduler.running:
+            assert request.num_computed_tokens <= request.num_tokens
 
     def teardown(self) -> None:
         for _ in range(2000):

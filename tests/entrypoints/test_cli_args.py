@@ -47,6 +47,10 @@ def test_flags_parse_to_typed_values() -> None:
             "--no-enable-prefix-caching",
             "--seed",
             "7",
+            "--kv-cache-dtype",
+            "int8",
+            "--speculative-config",
+            '{"method": "ngram", "num_speculative_tokens": 3}',
         ]
     )
     args = engine_args_from(ns)
@@ -57,7 +61,10 @@ def test_flags_parse_to_typed_values() -> None:
         max_model_len=512,
         enable_prefix_caching=False,
         seed=7,
+        kv_cache_dtype="int8",
+        speculative_config='{"method": "ngram", "num_speculative_tokens": 3}',
     )
+    assert args.speculative is not None and args.speculative.num_speculative_tokens == 3
 
 
 def test_bad_choice_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
