@@ -35,6 +35,8 @@ class EngineCounters:
     prefix_cache_hits: int
     num_preemptions: int
     prompt_tokens_computed: int
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
     @classmethod
     def read(cls, engine: Any) -> EngineCounters:
@@ -44,14 +46,13 @@ class EngineCounters:
             int(m["prefix_cache_hits"]),
             int(m["num_preemptions_total"]),
             int(m["prompt_tokens_total"]),
+            int(m.get("spec_decode_num_draft_tokens", 0)),
+            int(m.get("spec_decode_num_accepted_tokens", 0)),
         )
 
     def since(self, before: EngineCounters) -> EngineCounters:
         return EngineCounters(
-            self.prefix_cache_queries - before.prefix_cache_queries,
-            self.prefix_cache_hits - before.prefix_cache_hits,
-            self.num_preemptions - before.num_preemptions,
-            self.prompt_tokens_computed - before.prompt_tokens_computed,
+            *(getattr(self, f) - getattr(before, f) for f in self.__dataclass_fields__)
         )
 
 
@@ -86,6 +87,12 @@ def engine_report(engine: Any, before: EngineCounters) -> dict[str, float | int]
         "peak_kv_blocks": stats.peak_kv_blocks,
         "kv_cache_tokens": engine.num_blocks * engine.args.block_size,
         "num_preemptions": counters.num_preemptions,
+        "spec_draft_tokens": counters.spec_draft_tokens,
+        "spec_acceptance_rate": (
+            counters.spec_accepted_tokens / counters.spec_draft_tokens
+            if counters.spec_draft_tokens
+            else 0.0
+        ),
         "num_steps": stats.num_steps,
         "step_time_s": step,
         "model_time_s": model,

@@ -252,6 +252,10 @@ def format_results(results: dict[str, Any]) -> str:
                 ("Peak KV blocks in use", f"{r['peak_kv_blocks']}"),
                 ("KV-cache capacity (tokens)", f"{r['kv_cache_tokens']}"),
                 ("Preemptions", f"{r['num_preemptions']}"),
+                (
+                    "Draft tokens (acceptance)",
+                    f"{r['spec_draft_tokens']} ({_pct(r['spec_acceptance_rate'])})",
+                ),
                 ("Steps", f"{r['num_steps']}"),
                 ("Step time outside the model", _pct(r["outside_model_share"])),
                 ("  scheduling", _pct(r["schedule_time_s"] / step)),

@@ -1,0 +1,89 @@
+"""Speculative decoding (n-gram) against plain decoding, same engine settings, greedy,
+128 new tokens: single stream (each prompt alone, one after another) and 32 at once, on
+prompts whose answers copy them (edits and extracts of real text on this machine, the
+Python docs) and on prompts whose answers do not.
+
+    python benchmarks/bench_spec_decode.py --prompts 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks.datasets import english_corpus
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2}
+
+
+def copy_prompts(n: int, rng: random.Random) -> list[str]:
+    """Answers that copy the prompt: a passage repeated with one word changed, a
+    sentence extracted, or the passage as a chat would quote it back."""
+    text = english_corpus()
+    prompts = []
+    for i in range(n):
+        start = rng.randrange(len(text) - 1200)
+        passage = text[start : start + 700]
+        words = passage.split()
+        word = rng.choice(words[5:-5])
+        kind = i % 3
+        if kind == 0:
+            task = f'Repeat the passage below, but replace the word "{word}" with "WORD".'
+        elif kind == 1:
+            task = "Copy the passage below exactly, line for line."
+        else:
+            task = "Quote the passage below in full, then summarise it in one sentence."
+        prompts.append(f"{task}\n\n{passage}\n\nAnswer:\n\n")
+    return prompts
+
+
+def fresh_prompts(n: int) -> list[str]:
+    topics = ["a lighthouse keeper", "the history of bread", "how tides work", "a robot chef"]
+    topics += ["winter in a mountain village", "why the sky is blue", "learning the violin"]
+    return [f"Write a few paragraphs about {topics[i % len(topics)]}." for i in range(n)]
+
+
+def output_tok_s(llm: LLM, prompts: list[str], together: bool) -> float:
+    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    llm.generate(prompts[:1], params.clone(max_tokens=8), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    if together:
+        llm.generate(prompts, params, use_tqdm=False)
+    else:
+        for p in prompts:
+            llm.generate(p, params, use_tqdm=False)
+    return len(prompts) * 128 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=8, help="single-stream prompts per kind")
+    parser.add_argument("--concurrent", type=int, default=32)
+    args = parser.parse_args()
+    rng = random.Random(0)
+    workloads = {"copies its prompt": copy_prompts, "does not repeat": None}
+    plain, spec = LLM(seed=0), LLM(seed=0, speculative_config=NGRAM)
+    print("| workload | requests | plain tok/s | n-gram tok/s | ratio | acceptance |")
+    print("|---|---|---|---|---|---|")
+    for name, make in workloads.items():
+        for count, together in ((args.prompts, False), (args.concurrent, True)):
+            prompts = make(count, rng) if make else fresh_prompts(count)
+            base = output_tok_s(plain, prompts, together)
+            before = spec.get_metrics()
+            fast = output_tok_s(spec, prompts, together)
+            after = spec.get_metrics()
+            drafted = after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+            accepted = (
+                after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+            )
+            rate = accepted / drafted if drafted else 0.0
+            mode = f"{count} at once" if together else f"{count}, one at a time"
+            print(
+                f"| {name} | {mode} | {base:.1f} | {fast:.1f} | {fast / base:.2f}× | {rate:.0%} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
