@@ -71,6 +71,7 @@ def fake_engine(num_blocks: int, block_size: int = 4, max_num_seqs: int = 64):
         has_unfinished_requests=scheduler.has_unfinished_requests,
         tokenize_prompt=lambda prompt: (None, list(prompt)),
         count_tokens=lambda sched, sampled: None,
+        proposer=None,
     )
 
 
