@@ -243,6 +243,7 @@ typedef struct {
     int8_t *q;   /* [M, K] */
     float *d;    /* [M, K/32, 2] */
     float *sums; /* [M, K/32] */
+    float *dx;   /* AVX-512: [M, K/64, 16], each block pair's two scales over its lanes */
 } quantized_x;
 
 static void quantize_x(const float *x, int M, int K, quantized_x *out) {
@@ -267,6 +268,15 @@ static void quantize_x(const float *x, int M, int K, quantized_x *out) {
             }
             out->sums[(size_t)r * nb + b] = block_sum;
         }
+    /* The pair scales as the VNNI loop multiplies them, spread once here rather than
+       once per weight row (a load and a permute per row, pair and output, before). */
+    if (out->dx)
+        for (int r = 0; r < M; r++)
+            for (int p = 0; p < nb / 2; p++) {
+                const float *d = out->d + 2 * ((size_t)r * nb + 2 * p);
+                float *lanes = out->dx + ((size_t)r * (nb / 2) + p) * 16;
+                for (int j = 0; j < 16; j++) lanes[j] = d[(j / 8) * 2 + (j % 8) / 4];
+            }
 }
 
 /* Integer mode, weight row n against every row of x: out[r] = x_r · w_n. */
@@ -290,7 +300,7 @@ static AI void row_int(const weight *w, size_t n, const quantized_x *xq, int M, 
             __m512i x = _mm512_loadu_si512(xq->q + (size_t)r * K + 32 * b);
             if (sgn) x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
             const __m512 sum = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x));
-            const __m512 dx = spread(xq->d + 2 * ((size_t)r * nb + b), 1, 0);
+            const __m512 dx = _mm512_loadu_ps(xq->dx + ((size_t)r * (nb / 2) + b / 2) * 16);
             acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(sv, dx), acc[r]);
         }
     }
@@ -462,8 +472,14 @@ int quant_matmul(int format, int half, const uint8_t *qs, const void *scales, co
         xq.q = malloc((size_t)M * K);
         xq.d = malloc(sizeof(float) * 2 * (size_t)M * nb);
         xq.sums = malloc(sizeof(float) * (size_t)M * nb);
-        if (!xq.q || !xq.d || !xq.sums) {
-            free(xq.q), free(xq.d), free(xq.sums), free(xp);
+#if defined(USE_VNNI)
+        xq.dx = malloc(sizeof(float) * 16 * (size_t)M * (nb / 2 > 0 ? nb / 2 : 1));
+        const int dx_missing = !xq.dx;
+#else
+        const int dx_missing = 0;
+#endif
+        if (!xq.q || !xq.d || !xq.sums || dx_missing) {
+            free(xq.q), free(xq.d), free(xq.sums), free(xq.dx), free(xp);
             return -1;
         }
         quantize_x(xp, M, K, &xq);
@@ -489,7 +505,7 @@ int quant_matmul(int format, int half, const uint8_t *qs, const void *scales, co
             }
         }
     }
-    free(xsums), free(xq.q), free(xq.d), free(xq.sums), free(xp);
+    free(xsums), free(xq.q), free(xq.d), free(xq.sums), free(xq.dx), free(xp);
     return 0;
 }
 
