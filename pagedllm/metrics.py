@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pagedllm.outputs import RequestOutput
+from pagedllm.spec_decode.stats import ACCEPTED_PER_POSITION
 
 logger = logging.getLogger("pagedllm.stats")
 
@@ -83,6 +84,16 @@ class _EngineCollector(Collector):
             metric = family(PREFIX + name, help_text, labels=["model_name"])
             metric.add_metric([self.model_name], float(stats.get(key, 0)))
             yield metric
+        per_position = CounterMetricFamily(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position (0 = first), cumulative.",
+            labels=["model_name", "position"],
+        )
+        for key, value in stats.items():
+            if key.startswith(ACCEPTED_PER_POSITION):
+                position = key.removeprefix(ACCEPTED_PER_POSITION)
+                per_position.add_metric([self.model_name, position], float(value))
+        yield per_position
 
 
 class PrometheusMetrics:

@@ -29,6 +29,7 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode import NgramProposer, SpecDecodeStats
+from pagedllm.spec_decode.stats import ACCEPTED_PER_POSITION
 from pagedllm.tokenizer import load_tokenizer
 from pagedllm.worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for_memory
 from pagedllm.worker.model_runner import ModelRunner, SampledRow
@@ -361,4 +362,8 @@ class LLMEngine:
             "spec_decode_num_drafts": self.spec_stats.num_drafts,
             "spec_decode_num_draft_tokens": self.spec_stats.num_draft_tokens,
             "spec_decode_num_accepted_tokens": self.spec_stats.num_accepted_tokens,
+            **{
+                f"{ACCEPTED_PER_POSITION}{i}": count
+                for i, count in enumerate(self.spec_stats.accepted_per_position)
+            },
         }

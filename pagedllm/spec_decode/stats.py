@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# get_metrics() key prefix of the accepted-token count at draft position i (0-based)
+ACCEPTED_PER_POSITION = "spec_decode_num_accepted_tokens_per_pos_"
+
 
 @dataclass
 class SpecDecodeStats:

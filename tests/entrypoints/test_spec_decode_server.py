@@ -43,3 +43,5 @@ def test_streamed_and_whole_completions_match_plain_decoding(spec_server, server
     metrics = httpx.get(f"{spec_server.url}/metrics", timeout=10).text
     accepted = metric_value(metrics, "pagedllm:spec_decode_num_accepted_tokens_total")
     assert 0 < accepted <= metric_value(metrics, "pagedllm:spec_decode_num_draft_tokens_total")
+    first = 'pagedllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="smol",position="0"}'
+    assert float(next(x for x in metrics.splitlines() if x.startswith(first)).split()[-1]) > 0
