@@ -121,6 +121,30 @@ def test_generate_streams_a_completion_then_its_timings() -> None:
     assert "prompt:" not in result.stdout  # timings go to stderr only
 
 
+@pytest.mark.slow
+def test_generate_with_speculation_and_a_quantized_cache_gives_the_same_text() -> None:
+    """The engine flags of issues 13 and 14 reach `generate`: the same greedy text with
+    n-gram drafts as without them (both over an int8 KV cache)."""
+    prompt = "Repeat: the cat sat on the mat. the cat sat on the mat. the cat sat on"
+
+    def run(*extra: str) -> str:
+        result = subprocess.run(
+            pagedllm_argv(
+                "generate", "-p", prompt, "-n", "24", "--temp", "0", "--ignore-eos",
+                "--kv-cache-dtype", "int8", *ENGINE_FLAGS, *extra,
+            ),
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    spec = '{"method": "ngram", "num_speculative_tokens": 4}'
+    assert run("--speculative-config", spec) == run()
+
+
 def _say(term: Terminal, text: str) -> None:
     """Type a line at the next prompt, as a user who waits for it; skip its echo."""
     term.expect(r"(^|\n)> ")
