@@ -146,3 +146,18 @@ def test_the_distribution_check_catches_a_verifier_that_keeps_every_draft(
     monkeypatch.setattr(model_runner, "verify_draft", lambda sampled, draft: (draft, True))
     assert homogeneity_p_value(plain_sample, first_tokens(spec)) < 0.01
     assert not math.isnan(homogeneity_p_value(plain_sample, plain_sample))
+
+
+def test_parallel_samples_and_preemption_run_with_drafts(plain, spec):
+    """n > 1 children draft on their own; a pool too small for the batch preempts
+    requests mid-speculation and resumes them; nothing leaks."""
+    [single] = tokens(plain, [COPY], GREEDY)
+    [out] = spec.generate(COPY, GREEDY.clone(n=3), use_tqdm=False)
+    assert [c.token_ids for c in out.outputs] == [single] * 3
+    tight = LLM(seed=0, num_kv_blocks=48, max_num_batched_tokens=256, speculative_config=NGRAM)
+    prompts = [COPY[i * 7 :] for i in range(8)]
+    outs = tight.generate(prompts, GREEDY, use_tqdm=False)
+    m = tight.get_metrics()
+    assert m["num_preemptions_total"] > 0 and m["spec_decode_num_accepted_tokens"] > 0
+    assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outs)
+    assert m["num_free_kv_blocks"] == m["num_kv_blocks"] and m["num_requests_running"] == 0
