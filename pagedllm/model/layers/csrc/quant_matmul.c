@@ -338,6 +338,48 @@ static AI void row_int(const weight *w, size_t n, const quantized_x *xq, int M, 
 #endif
 }
 
+#if defined(USE_VNNI)
+/* row_int for weight rows n and n + 1 at once, for an even number of blocks: each x block
+   pair and its scales are loaded once for both rows, the cost that grows with the rows
+   of x (speculative verification, small batches). */
+static AI void row_int_pair(const weight *w, size_t n, const quantized_x *xq, int M, int K,
+                            float *out0, float *out1) {
+    const int nb = w->nb, sgn = is_signed(w->format), spb = scales_per_block(w->format);
+    for (int r = 0; r < M; r++) {
+        const float *sums = xq->sums + (size_t)r * nb;
+        out0[r] = w->mins ? dot_floats(min_row(w, n), sums, nb, w->half) : 0.f;
+        out1[r] = w->mins ? dot_floats(min_row(w, n + 1), sums, nb, w->half) : 0.f;
+    }
+    __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
+    for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int b = 0; b + 1 < nb; b += 2) {
+        const __m512i v0 = values_pair(w, n, b), v1 = values_pair(w, n + 1, b);
+        const __m512i u0 = sgn ? _mm512_abs_epi8(v0) : v0, u1 = sgn ? _mm512_abs_epi8(v1) : v1;
+        const __mmask64 neg0 = sgn ? _mm512_movepi8_mask(v0) : 0;
+        const __mmask64 neg1 = sgn ? _mm512_movepi8_mask(v1) : 0;
+        const char *scales = (const char *)w->scales;
+        const __m512 sv0 = spread(scales + ((n * nb + b) * spb << (2 - w->half)), spb == 2, w->half);
+        const __m512 sv1 =
+            spread(scales + (((n + 1) * nb + b) * spb << (2 - w->half)), spb == 2, w->half);
+        for (int r = 0; r < M; r++) {
+            const __m512i x = _mm512_loadu_si512(xq->q + (size_t)r * K + 32 * b);
+            const __m512i x0 = sgn ? _mm512_mask_sub_epi8(x, neg0, _mm512_setzero_si512(), x) : x;
+            const __m512i x1 = sgn ? _mm512_mask_sub_epi8(x, neg1, _mm512_setzero_si512(), x) : x;
+            const __m512 dx = _mm512_loadu_ps(xq->dx + ((size_t)r * (nb / 2) + b / 2) * 16);
+            const __m512i zero = _mm512_setzero_si512();
+            acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, u0, x0)),
+                                      _mm512_mul_ps(sv0, dx), acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, u1, x1)),
+                                      _mm512_mul_ps(sv1, dx), acc1[r]);
+        }
+    }
+    for (int r = 0; r < M; r++) {
+        out0[r] += _mm512_reduce_add_ps(acc0[r]);
+        out1[r] += _mm512_reduce_add_ps(acc1[r]);
+    }
+}
+#endif
+
 /* Exact mode, weight row n: float32 products with the dequantized values. xsums[r, b] is
    the sum of block b of x row r (for the min terms). */
 static AI void row_exact(const weight *w, size_t n, const float *x, const float *xsums, int M,
@@ -487,21 +529,35 @@ int quant_matmul(int format, int half, const uint8_t *qs, const void *scales, co
 #pragma omp parallel num_threads(num_threads)
     {
         flush_denormals();
-        float out[MAX_ROWS];
+        float out[MAX_ROWS], out_next[MAX_ROWS];
         weight wf = w;
+#if defined(USE_VNNI)
+        const int step = exact || nb % 2 ? 1 : 2; /* two weight rows per x pass */
+#else
+        const int step = 1;
+#endif
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
+        for (int i = 0; i < (N + step - 1) / step; i++) {
+            const int n = i * step, both = step == 2 && n + 1 < N;
             prefetch_row(&w, (size_t)n + PREFETCH_ROWS);
+            if (both) prefetch_row(&w, (size_t)n + 1 + PREFETCH_ROWS);
             if (exact) {
 #define EXACT(F, H) (wf.format = F, wf.half = H, row_exact(&wf, (size_t)n, xp, xsums, M, K, out))
                 FOR_EACH_FORMAT(EXACT)
-            } else {
+            } else if (!both) {
 #define INT(F, H) (wf.format = F, wf.half = H, row_int(&wf, (size_t)n, &xq, M, K, out))
                 FOR_EACH_FORMAT(INT)
+            } else {
+#if defined(USE_VNNI)
+#define PAIR(F, H) \
+    (wf.format = F, wf.half = H, row_int_pair(&wf, (size_t)n, &xq, M, K, out, out_next))
+                FOR_EACH_FORMAT(PAIR)
+#endif
             }
             for (int r = 0; r < M; r++) {
                 float *yr = y + (size_t)r * ldy + n;
                 *yr = accumulate ? *yr + out[r] : out[r];
+                if (both) yr[1] = accumulate ? yr[1] + out_next[r] : out_next[r];
             }
         }
     }
