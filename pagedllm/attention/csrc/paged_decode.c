@@ -73,44 +73,59 @@ static inline uint16_t fp8_as_half(uint8_t b, int format) {
                                  : (uint16_t)(((b & 0x80) << 8) | ((b & 0x7f) << 7));
 }
 
+#if defined(__AVX2__) && defined(__F16C__)
+/* Eight elements of a cache half from element i, as floats (int8 and fp8 before their
+   scales): the AVX2 kernel's row loads, and the scalar kernel's row widening. */
+static inline __m256 widen8(const void *half, int format, size_t i) {
+    switch (format) {
+    case KV_F32: return _mm256_loadu_ps((const float *)half + i);
+    case KV_BF16:
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)half + i))), 16));
+    case KV_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)half + i)));
+    case KV_INT8:
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)half + i))));
+    default: {
+        const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)((const uint8_t *)half + i)));
+        if (format == KV_FP8_E5M2) return _mm256_cvtph_ps(_mm_slli_epi16(b, 8));
+        const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                       _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+        return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
+    }
+    }
+}
+#endif
+
+/* Element i of a cache half as a float (int8 and fp8 before their scales). */
+static inline float element_to_float(const void *half, int format, size_t i) {
+    switch (format) {
+    case KV_F32: return ((const float *)half)[i];
+    case KV_BF16: {
+        const uint32_t bits = (uint32_t)((const uint16_t *)half)[i] << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    case KV_F16: return half_to_float(((const uint16_t *)half)[i]);
+    case KV_INT8: return (float)((const int8_t *)half)[i];
+    default: {
+        const float factor = format == KV_FP8_E4M3 ? 256.f : 1.f;
+        return factor * half_to_float(fp8_as_half(((const uint8_t *)half)[i], format));
+    }
+    }
+}
+
 /* Head h of slot `slot` in one cache half, as float32: the row itself for float32, else
    widened into buf (MAX_HEAD_DIM floats). The int8 and fp8 scales are left to the caller. */
 static const float *load_head(const void *half, int format, size_t slot, int h, int num_kv_heads,
                               int head_dim, float *buf) {
     const size_t first = (slot * (size_t)num_kv_heads + (size_t)h) * (size_t)head_dim;
     if (format == KV_F32) return (const float *)half + first;
-    if (format == KV_BF16) {
-        const uint16_t *src = (const uint16_t *)half + first;
-        uint32_t bits[MAX_HEAD_DIM];
-        for (int d = 0; d < head_dim; d++) bits[d] = (uint32_t)src[d] << 16;
-        memcpy(buf, bits, sizeof(float) * (size_t)head_dim);
-    } else if (format == KV_INT8) {
-        const int8_t *src = (const int8_t *)half + first;
-#pragma omp simd
-        for (int d = 0; d < head_dim; d++) buf[d] = (float)src[d];
-    } else {
-        const uint8_t *src8 = (const uint8_t *)half + first;
-        const uint16_t *src16 = (const uint16_t *)half + first;
-        int d = 0;
-        const float factor = format == KV_FP8_E4M3 ? 256.f : 1.f;
-#if defined(__F16C__) && defined(__AVX2__)
-        for (; d + 8 <= head_dim; d += 8) {
-            __m128i h8;
-            if (format == KV_F16) {
-                h8 = _mm_loadu_si128((const __m128i *)(src16 + d));
-            } else {
-                const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(src8 + d)));
-                h8 = format == KV_FP8_E5M2
-                         ? _mm_slli_epi16(b, 8)
-                         : _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
-                                        _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
-            }
-            _mm256_storeu_ps(buf + d, _mm256_mul_ps(_mm256_cvtph_ps(h8), _mm256_set1_ps(factor)));
-        }
+    int d = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; d + 8 <= head_dim; d += 8) _mm256_storeu_ps(buf + d, widen8(half, format, first + d));
 #endif
-        for (; d < head_dim; d++)
-            buf[d] = factor * half_to_float(format == KV_F16 ? src16[d] : fp8_as_half(src8[d], format));
-    }
+    for (; d < head_dim; d++) buf[d] = element_to_float(half, format, first + (size_t)d);
     return buf;
 }
 
@@ -320,28 +335,11 @@ typedef __m256 vec;
 #define vload _mm256_loadu_ps
 #define vstore _mm256_storeu_ps
 #define vfma _mm256_fmadd_ps
+#define widen widen8
 static inline float vsum(vec v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-static inline vec widen(const void *half, int format, size_t i) {
-    switch (format) {
-    case KV_F32: return _mm256_loadu_ps((const float *)half + i);
-    case KV_BF16:
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)half + i))), 16));
-    case KV_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)half + i)));
-    case KV_INT8:
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)half + i))));
-    default: {
-        const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)((const uint8_t *)half + i)));
-        if (format == KV_FP8_E5M2) return _mm256_cvtph_ps(_mm_slli_epi16(b, 8));
-        const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
-                                       _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
-        return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f));
-    }
-    }
 }
 #endif
 
