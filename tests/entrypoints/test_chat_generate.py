@@ -100,18 +100,17 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=root if not path else f"{root}{os.pathsep}{path}")
 
 
+def _generate(prompt: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`pagedllm generate -p PROMPT`, greedy, EOS ignored, with the test engine flags."""
+    argv = pagedllm_argv("generate", "-p", prompt, "--temp", "0", "--ignore-eos", *flags)
+    return subprocess.run(
+        [*argv, *ENGINE_FLAGS], capture_output=True, text=True, env=_env(), timeout=600
+    )
+
+
 @pytest.mark.slow
 def test_generate_streams_a_completion_then_its_timings() -> None:
-    result = subprocess.run(
-        pagedllm_argv(
-            "generate", "-p", "The capital of France is", "-n", "8", "--temp", "0",
-            "--ignore-eos", *ENGINE_FLAGS,
-        ),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )  # fmt: skip
+    result = _generate("The capital of France is", "-n", "8")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     timings = re.search(STATS + r"([\d.]+) tokens/s", result.stderr)
@@ -128,16 +127,7 @@ def test_generate_with_speculation_and_a_quantized_cache_gives_the_same_text() -
     prompt = "Repeat: the cat sat on the mat. the cat sat on the mat. the cat sat on"
 
     def run(*extra: str) -> str:
-        result = subprocess.run(
-            pagedllm_argv(
-                "generate", "-p", prompt, "-n", "24", "--temp", "0", "--ignore-eos",
-                "--kv-cache-dtype", "int8", *ENGINE_FLAGS, *extra,
-            ),
-            capture_output=True,
-            text=True,
-            env=_env(),
-            timeout=600,
-        )  # fmt: skip
+        result = _generate(prompt, "-n", "24", "--kv-cache-dtype", "int8", *extra)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
