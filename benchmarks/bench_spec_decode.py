@@ -1,14 +1,18 @@
-"""Speculative decoding (n-gram) against plain decoding, same engine settings, greedy,
-128 new tokens: single stream (each prompt alone, one after another) and 32 at once, on
-prompts whose answers copy them (edits and extracts of real text on this machine, the
-Python docs) and on prompts whose answers do not.
+"""Speculative decoding (n-gram by default, or any --speculative-config) against plain
+decoding, same engine settings, greedy, 128 new tokens: single stream (each prompt alone,
+one after another) and 32 at once, on prompts whose answers copy them (edits and
+extracts of real text on this machine, the Python docs) and on prompts whose answers
+do not.
 
     python benchmarks/bench_spec_decode.py --prompts 8
+    python benchmarks/bench_spec_decode.py --speculative-config \
+        '{"method": "draft_model", "model": "DRAFT.gguf", "num_speculative_tokens": 4}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 
@@ -64,12 +68,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=8, help="single-stream prompts per kind")
     parser.add_argument("--concurrent", type=int, default=32)
+    parser.add_argument("--speculative-config", default=json.dumps(NGRAM))
     args = parser.parse_args()
+    method = json.loads(args.speculative_config)["method"]
     rng = random.Random(0)
     workloads = {"copies its prompt": copy_prompts, "does not repeat": None}
-    plain, spec = LLM(seed=0), LLM(seed=0, speculative_config=NGRAM)
+    plain, spec = LLM(seed=0), LLM(seed=0, speculative_config=args.speculative_config)
     print(
-        "| workload | requests | plain tok/s | n-gram tok/s | ratio | after the first token | acceptance |"
+        f"| workload | requests | plain tok/s | {method} tok/s | ratio "
+        "| after the first token | acceptance |"
     )
     print("|---|---|---|---|---|---|---|")
     for name, make in workloads.items():

@@ -89,18 +89,20 @@ def _check_bool(name: str, value: object) -> None:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # vLLM's names; fp8 means e4m3; auto: the model's dtype (attention/kv_cache.py maps them)
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding, in vLLM's shape: `{"method": "ngram", "num_speculative_tokens":
-    4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}` (a dict, or that JSON as text)."""
+    4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}` or `{"method": "draft_model",
+    "model": PATH, "num_speculative_tokens": 4}` (a dict, or that JSON as text)."""
 
     method: str
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    model: str | None = None  # the draft model (GGUF file or Hugging Face folder)
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -111,6 +113,13 @@ class SpeculativeConfig:
         _check_int("num_speculative_tokens", self.num_speculative_tokens, minimum=1, maximum=16)
         _check_int("prompt_lookup_min", self.prompt_lookup_min, minimum=1, maximum=64)
         _check_int("prompt_lookup_max", self.prompt_lookup_max, minimum=1, maximum=64)
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError(
+                'speculative_config needs "model" (the draft model\'s path) with method '
+                '"draft_model", and only then'
+            )
+        if self.model is not None and not (isinstance(self.model, str) and self.model):
+            raise ValueError(f"speculative_config model must be a path, got {self.model!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(
                 f"prompt_lookup_min ({self.prompt_lookup_min}) is more than "
@@ -236,7 +245,8 @@ ENGINE_ARG_HELP = {
     "(default: unbounded; 1024 for serve)",
     "seed": "seed of the engine's shared random stream",
     "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", '
-    '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\'',
+    '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' '
+    'or \'{"method": "draft_model", "model": "PATH", "num_speculative_tokens": 4}\'',
     "exact_matmul": "multiply quantized GGUF weights in float32 from their exact values "
     "(matches transformers; default: int8 activations, a scale per 16 values, as llama.cpp)",
     "threads": "CPU threads for kernels and torch (default: every core this process may use)",

@@ -28,7 +28,13 @@ from pagedllm.model.loader import load_model, resolve_model_path
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.spec_decode import NgramProposer, SpecDecodeStats
+from pagedllm.spec_decode import (
+    DraftModelProposer,
+    NgramProposer,
+    Proposer,
+    SpecDecodeStats,
+    load_draft_model,
+)
 from pagedllm.spec_decode.stats import ACCEPTED_PER_POSITION
 from pagedllm.tokenizer import load_tokenizer
 from pagedllm.worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for_memory
@@ -102,8 +108,25 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(path)
         self.max_model_len = max_model_len = args.max_model_len or config.max_position_embeddings
         self.kv_cache_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
+        speculative = args.speculative
+        draft_model = None
+        if speculative is not None and speculative.method == "draft_model":
+            draft_model = load_draft_model(
+                speculative,
+                config.vocab_size,
+                self.dtype,
+                self.device,
+                exact_matmul=args.exact_matmul,
+                max_model_len=max_model_len,
+            )
+        # a draft model's KV pool has as many blocks as the target's (same tables)
+        block_bytes = sum(
+            bytes_per_block(m.config, args.block_size, self.kv_cache_dtype)
+            for m in (self.model, draft_model)
+            if m is not None
+        )
         num_blocks = args.num_kv_blocks or num_blocks_for_memory(
-            config, args.block_size, self.kv_cache_dtype, self.device, args.kv_cache_memory
+            block_bytes, self.device, args.kv_cache_memory
         )
         if num_blocks < 1:
             raise ValueError("kv_cache_memory is too small for one KV-cache block")
@@ -116,7 +139,7 @@ class LLMEngine:
             num_blocks,
             args.block_size,
             num_blocks * args.block_size,
-            num_blocks * bytes_per_block(config, args.block_size, self.kv_cache_dtype) / 2**20,
+            num_blocks * block_bytes / 2**20,
             str(self.kv_cache_dtype).removeprefix("torch."),
         )
         self.scheduler = Scheduler(
@@ -130,8 +153,17 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.step_stats = StepStats()
-        speculative = args.speculative
-        self.proposer = NgramProposer(speculative) if speculative is not None else None
+        self.proposer: Proposer | None = None
+        if draft_model is not None:
+            assert speculative is not None
+            draft_caches = allocate_kv_cache(
+                draft_model.config, num_blocks, args.block_size, self.kv_cache_dtype, self.device
+            )
+            self.proposer = DraftModelProposer(
+                speculative, draft_model, draft_caches, args.block_size, self.device
+            )
+        elif speculative is not None:
+            self.proposer = NgramProposer(speculative)
         self.spec_stats = SpecDecodeStats()
         # PAGEDLLM_DEBUG_INVARIANTS=1: re-check the bookkeeping after every step and abort.
         self.debug_invariants = debug_invariants_enabled()
@@ -209,6 +241,8 @@ class LLMEngine:
         seq_ids = self.output_processor.sequence_ids(user_id)
         self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
         self.runner.release(seq_ids)
+        if self.proposer is not None:
+            self.proposer.release(seq_ids)
         self._pending_fork.pop(user_id, None)
         return self.output_processor.abort(user_id, error=error)
 
@@ -235,6 +269,8 @@ class LLMEngine:
         self.step_stats.observe_schedule(scheduler)
         scheduled_at = time.perf_counter()
         requests = scheduler.requests
+        if self.proposer is not None:
+            self.proposer.draft(sched, requests)
         num_samples = {
             s.request_id: self._pending_fork[s.request_id]
             for s in sched.scheduled_requests
@@ -299,6 +335,9 @@ class LLMEngine:
         live = self.scheduler.requests
         stale = [rid for rid in self.runner.live_request_ids() if rid not in live]
         require(not stale, f"the model runner keeps state for finished requests {stale}")
+        if self.proposer is not None:
+            stale = [rid for rid in self.proposer.live_request_ids() if rid not in live]
+            require(not stale, f"the proposer keeps state for finished requests {stale}")
 
     def count_tokens(self, sched: SchedulerOutput, sampled: dict[str, SampledRow]) -> None:
         """Add a step's prompt positions computed and tokens sampled to the counters."""

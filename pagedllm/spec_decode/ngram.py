@@ -4,15 +4,15 @@ extracts, summaries quoting the source, code) are drafted almost for free."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from pagedllm.config import SpeculativeConfig
+from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.request import Request
-
-MAX_BACKOFF_STEPS = 32
+from pagedllm.spec_decode.backoff import Backoff
 
 
 class NgramProposer:
@@ -24,8 +24,7 @@ class NgramProposer:
         self.k = config.num_speculative_tokens
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
-        self._misses: dict[str, int] = {}  # drafts rejected in a row, per request
-        self._skip: dict[str, int] = {}  # steps left before the next draft
+        self.backoff = Backoff()
 
     def propose(self, requests: Iterable[Request]) -> None:
         """Set `spec_token_ids` on every request that decodes next step and has a match."""
@@ -33,11 +32,8 @@ class NgramProposer:
             tokens = request.all_token_ids
             if request.num_computed_tokens != len(tokens) - 1 or request.is_finished:
                 continue  # mid-prefill (or preempted): nothing to draft after
-            skip = self._skip.get(request.request_id, 0)
-            if skip:
-                self._skip[request.request_id] = skip - 1
-                continue
-            request.spec_token_ids = self.lookup(tokens)
+            if self.backoff.ready(request.request_id):
+                request.spec_token_ids = self.lookup(tokens)
 
     def lookup(self, tokens: list[int]) -> list[int]:
         """The continuation of the latest earlier occurrence of the longest suffix
@@ -55,19 +51,14 @@ class NgramProposer:
                 return history[first : first + self.k].tolist()
         return []
 
+    def draft(self, sched: SchedulerOutput, requests: Mapping[str, Request]) -> None:
+        """Nothing to fill: n-gram drafts are tokens before scheduling."""
+
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        """A verified step's result: a request whose drafts all missed waits 1, 2, 4, …
-        steps (up to MAX_BACKOFF_STEPS) before drafting again; any hit resets it."""
-        if num_drafts == 0:
-            return
-        if num_accepted:
-            self._misses.pop(request_id, None)
-            return
-        misses = self._misses.get(request_id, 0) + 1
-        self._misses[request_id] = misses
-        self._skip[request_id] = min(MAX_BACKOFF_STEPS, 2 ** (misses - 1))
+        self.backoff.observe(request_id, num_drafts, num_accepted)
 
     def release(self, request_ids: Iterable[str]) -> None:
-        for request_id in request_ids:
-            self._misses.pop(request_id, None)
-            self._skip.pop(request_id, None)
+        self.backoff.release(request_ids)
+
+    def live_request_ids(self) -> set[str]:
+        return self.backoff.live_request_ids()

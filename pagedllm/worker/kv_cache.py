@@ -25,13 +25,10 @@ def bytes_per_block(config: ModelArchConfig, block_size: int, dtype: torch.dtype
 
 
 def num_blocks_for_memory(
-    config: ModelArchConfig,
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    kv_cache_memory_gib: float | None,
+    block_bytes: int, device: torch.device, kv_cache_memory_gib: float | None
 ) -> int:
-    """How many blocks fit: the given GiB, or on CUDA a share of free memory, else 1 GiB."""
+    """How many blocks of `block_bytes` (every pool's share of one block) fit: the given
+    GiB, or on CUDA a share of free memory, else 1 GiB."""
     if kv_cache_memory_gib is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -40,7 +37,7 @@ def num_blocks_for_memory(
             budget = int(DEFAULT_CPU_KV_GIB * GIB)
     else:
         budget = int(kv_cache_memory_gib * GIB)
-    return budget // bytes_per_block(config, block_size, dtype)
+    return budget // block_bytes
 
 
 def allocate_kv_cache(

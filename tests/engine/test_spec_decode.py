@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram) in the engine, on the default model: greedy outputs equal
+"""Speculative decoding (n-gram; a draft model in test_draft_model.py) in the engine, on the default model: greedy outputs equal
 to plain decoding, every sampling field keeping its meaning on the verified path, the
 output distribution unchanged (a chi-square test that a biased verifier fails), and the
 counters."""
@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.model.loader import resolve_model_path
 from pagedllm.sampling_params import BeamSearchParams
 from pagedllm.worker import model_runner
 from tests.conftest import ENGLISH
 
 pytestmark = pytest.mark.slow
 
+DEFAULT_MODEL = str(resolve_model_path(None))
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2}
 COPY = f"Repeat the passage word for word.\n\n{ENGLISH}\n\nThe passage again:\n\n"
 PROMPTS = [COPY, "Paris is the capital of", "def fibonacci(n):", "1, 2, 3, 4,"]
@@ -137,6 +139,14 @@ def test_speculation_keeps_the_sampling_distribution(spec, plain_sample):
     before = spec.get_metrics()["spec_decode_num_accepted_tokens"]
     sample = first_tokens(spec)
     assert spec.get_metrics()["spec_decode_num_accepted_tokens"] > before + SAMPLES // 4
+    assert homogeneity_p_value(plain_sample, sample) > 0.01
+
+
+def test_a_draft_model_keeps_the_sampling_distribution(plain_sample):
+    """The draft's greedy token is one token with certainty: the target's draw decides."""
+    spec = LLM(seed=1, speculative_config={"method": "draft_model", "model": DEFAULT_MODEL})
+    sample = first_tokens(spec)
+    assert spec.get_metrics()["spec_decode_num_accepted_tokens"] > SAMPLES // 4
     assert homogeneity_p_value(plain_sample, sample) > 0.01
 
 

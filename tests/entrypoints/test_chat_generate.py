@@ -3,6 +3,7 @@ on a pseudo-terminal (two turns, Ctrl-C mid-reply, /clear, /exit)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from pagedllm.entrypoints.chat import Conversation
 from pagedllm.entrypoints.cli import build_parser
 from pagedllm.entrypoints.cli_args import sampling_params_from
+from pagedllm.model.loader import resolve_model_path
 from tests.entrypoints.terminal import Terminal, pagedllm_argv
 
 ENGINE_FLAGS = ("--kv-cache-memory", "0.25")
@@ -123,7 +125,8 @@ def test_generate_streams_a_completion_then_its_timings() -> None:
 @pytest.mark.slow
 def test_generate_with_speculation_and_a_quantized_cache_gives_the_same_text() -> None:
     """The engine flags of issues 13 and 14 reach `generate`: the same greedy text with
-    n-gram drafts as without them (both over an int8 KV cache)."""
+    n-gram drafts, or the model drafting for itself, as without them (all over an int8
+    KV cache)."""
     prompt = "Repeat: the cat sat on the mat. the cat sat on the mat. the cat sat on"
 
     def run(*extra: str) -> str:
@@ -131,8 +134,11 @@ def test_generate_with_speculation_and_a_quantized_cache_gives_the_same_text() -
         assert result.returncode == 0, result.stderr
         return result.stdout
 
+    plain = run()
     spec = '{"method": "ngram", "num_speculative_tokens": 4}'
-    assert run("--speculative-config", spec) == run()
+    assert run("--speculative-config", spec) == plain
+    draft = json.dumps({"method": "draft_model", "model": str(resolve_model_path(None))})
+    assert run("--speculative-config", draft) == plain
 
 
 def _say(term: Terminal, text: str) -> None:

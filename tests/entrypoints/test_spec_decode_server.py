@@ -1,4 +1,4 @@
-"""Speculative decoding behind the server: streamed and whole completions carry the same
+"""Speculative decoding (n-gram and a draft model) behind the server: streamed and whole completions carry the same
 tokens as plain decoding, and /metrics exports the draft counters."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from pagedllm.model.loader import resolve_model_path
 from tests.conftest import ENGLISH
 from tests.entrypoints.conftest import MODEL, ServerThread, metric_value, start_engine
 
@@ -16,11 +17,17 @@ pytestmark = pytest.mark.slow
 PROMPT = f"Repeat the passage word for word.\n\n{ENGLISH}\n\nThe passage again:\n\n"
 
 
-@pytest.fixture(scope="module")
-def spec_server():
+CONFIGS = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": 4},
+    "draft_model": {"method": "draft_model", "model": str(resolve_model_path(None))},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def spec_server(request):
     from pagedllm.entrypoints.openai.api_server import build_app
 
-    llm = start_engine(speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    llm = start_engine(speculative_config=CONFIGS[request.param])
     with ServerThread(build_app(llm, [MODEL])) as running:
         yield running
     llm.shutdown()

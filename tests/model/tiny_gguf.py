@@ -11,10 +11,10 @@ from gguf import quants as gguf_quants
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 100, 2
 
 
-def tiny_tensors() -> dict[str, np.ndarray]:
+def tiny_tensors(vocab: int = VOCAB) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     head_dim = HIDDEN // HEADS
-    shapes = {"token_embd.weight": (VOCAB, HIDDEN), "output_norm.weight": (HIDDEN,)}
+    shapes = {"token_embd.weight": (vocab, HIDDEN), "output_norm.weight": (HIDDEN,)}
     for i in range(LAYERS):
         shapes |= {
             f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN),
@@ -39,12 +39,14 @@ def write_tiny_gguf(
     with_vocab: bool = False,
     extra: dict[str, str] | None = None,
     quantize: GGMLQuantizationType | None = None,
+    vocab: int = VOCAB,
 ) -> Path:
     """A 2-layer Llama GGUF; optionally without one tensor, with one of the wrong shape,
     or with one stored as raw bytes of another GGML type. `with_vocab` adds tokenizer
     metadata (string, integer and float arrays and a chat template) for header fuzzing;
     `extra` replaces (or adds) metadata keys with string values, for wrongly typed ones;
-    `quantize` stores every matrix in that type (gguf's own quantizer)."""
+    `quantize` stores every matrix in that type (gguf's own quantizer); `vocab` sizes
+    the embedding (a real tokenizer's size makes a random draft model for it)."""
     extra = extra or {}
     writer = GGUFWriter(str(path), arch=arch)
     for key, value in {
@@ -54,7 +56,7 @@ def write_tiny_gguf(
         "attention.head_count": HEADS,
         "attention.head_count_kv": KV_HEADS,
         "context_length": 256,
-        "vocab_size": VOCAB,
+        "vocab_size": vocab,
     }.items():
         if f"{arch}.{key}" not in extra:
             writer.add_uint32(f"{arch}.{key}", value)
@@ -67,7 +69,7 @@ def write_tiny_gguf(
         writer.add_token_types([1] * VOCAB)
         writer.add_eos_token_id(2)
         writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    for name, value in tiny_tensors().items():
+    for name, value in tiny_tensors(vocab).items():
         if name == drop:
             continue
         if reshape and name == reshape[0]:

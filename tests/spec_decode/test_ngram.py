@@ -56,7 +56,7 @@ def test_only_decoding_requests_get_drafts_and_misses_back_off():
     p.propose([request])
     assert request.spec_token_ids == [3, 1]
     p.release(["a"])
-    assert not p._misses and not p._skip
+    assert not p.live_request_ids()
 
 
 def test_stats_count_acceptance_per_position():

@@ -1,0 +1,33 @@
+"""What the engine asks of a drafting method. The scheduler only sees each request's
+`spec_token_ids`: their count decides the slots it verifies next step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from pagedllm.core.sched_output import SchedulerOutput
+from pagedllm.request import Request
+
+# A draft slot whose token the proposer fills after scheduling (a draft model runs
+# once it knows how many drafts each request may verify and where their KV goes).
+PENDING_DRAFT = -1
+
+
+class Proposer(Protocol):
+    def propose(self, requests: Iterable[Request]) -> None:
+        """Between steps: set `spec_token_ids` on decoding requests, as tokens or as
+        PENDING_DRAFT slots that `draft` fills."""
+
+    def draft(self, sched: SchedulerOutput, requests: Mapping[str, Request]) -> None:
+        """After scheduling, before the target's forward: replace every PENDING_DRAFT
+        in the scheduled requests' token ids."""
+
+    def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        """A verified step's result for one request."""
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Forget finished, aborted and preempted requests."""
+
+    def live_request_ids(self) -> set[str]:
+        """Requests the proposer keeps state for (checked against the live ones)."""
