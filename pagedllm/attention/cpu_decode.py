@@ -38,6 +38,7 @@ class PagedKV(ctypes.Structure):
         ("block_size", _INT),
         ("num_kv_heads", _INT),
         ("head_dim", _INT),
+        ("window", _INT),
     ]
 
 
@@ -53,7 +54,7 @@ def c_view(cache: KVCache) -> int:
         cache.c_view = PagedKV(
             cache.data[0].data_ptr(), cache.data[1].data_ptr(), key_scales, value_scales,
             key_scale, value_scale, cache.format, cache.block_size, cache.num_kv_heads,
-            cache.head_dim,
+            cache.head_dim, cache.sliding_window or 0,
         )  # fmt: skip
     return ctypes.addressof(cache.c_view)  # type: ignore[arg-type]
 

@@ -56,6 +56,9 @@ class KVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.c_view: object | None = None  # the C kernels' struct, made by cpu_decode
+        # a sliding-window layer's span: its queries see only the last `sliding_window`
+        # positions (set by whoever allocates the layer's cache; None: every position)
+        self.sliding_window: int | None = None
         self._init_scales()
 
     def _init_scales(self) -> None:

@@ -38,7 +38,8 @@ def paged_attention(
     """Attention for a flat batch. query [T, Hq, D], key/value [T, Hkv, D] → [T, Hq, D].
 
     The new keys and values are written to the cache first, then every query attends
-    to its own sequence's keys up to and including its own position.
+    to its own sequence's keys up to and including its own position (in a sliding-window
+    layer, `kv_cache.sliding_window` positions at most).
     """
     kv_cache.write(key, value, meta.slot_mapping)
     if kv_cache.dtype != key.dtype:  # attend to what the cache holds
@@ -50,23 +51,29 @@ def paged_attention(
     if meta.decode_seq_idx.numel():
         out[meta.decode_token_idx] = _decode(query, kv_cache, meta, scale)
     starts = meta.query_start_loc.tolist() if meta.prefill_seq_idx else []
+    window = kv_cache.sliding_window
     for i in meta.prefill_seq_idx:
         start, end = starts[i], starts[i + 1]
         seq_len = meta.seq_lens_list[i]
         q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
         context = seq_len - (end - start)
+        mask, causal = None, False
         if context == 0:
             k, v = key[start:end], value[start:end]
-            mask, causal = None, True
+            causal = window is None or seq_len <= window
         else:
             num_blocks = -(-seq_len // meta.block_size)
             table = meta.block_tables[i, :num_blocks]
             k = kv_cache.read(0, table, q.dtype)[:seq_len]
             v = kv_cache.read(1, table, q.dtype)[:seq_len]
-            # query j sits at position context + j and sees keys 0..context + j
-            q_pos = torch.arange(context, seq_len, device=query.device)
-            mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
-            causal = False
+        if not causal:
+            # query j sits at position context + j and sees keys 0..context + j (the
+            # last `window` of them in a sliding-window layer)
+            q_pos = torch.arange(context, seq_len, device=query.device)[:, None]
+            k_pos = torch.arange(seq_len, device=query.device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
         o = F.scaled_dot_product_attention(
             q,
             k.transpose(0, 1).unsqueeze(0),
@@ -98,7 +105,10 @@ def _decode(
     k = kv_cache.read(0, tables, query.dtype)  # [Bd, L, Hkv, D]
     v = kv_cache.read(1, tables, query.dtype)
     length = k.shape[1]
-    mask = torch.arange(length, device=query.device)[None, :] < seq_lens[:, None]
+    k_pos = torch.arange(length, device=query.device)[None, :]
+    mask = k_pos < seq_lens[:, None]
+    if kv_cache.sliding_window is not None:
+        mask &= k_pos >= seq_lens[:, None] - kv_cache.sliding_window
     # The query heads sharing a KV head (h * G … h * G + G - 1) act as G queries of one
     # head: no grouped-query expansion of the gathered keys (7% faster measured).
     num_seqs, _, num_kv_heads, head_dim = k.shape

@@ -22,15 +22,16 @@ def _gguf_facts(
     path: Path,
 ) -> tuple[ModelArchConfig, int, Counter[str], list[str] | None, dict[str, tuple[int, ...]]]:
     reader = open_gguf(path)  # parsed once: the header of a real model takes seconds
+    config = read_gguf_config(path, reader)
     shapes = {}
     for t in reader.tensors:
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, config.architecture)
         if name is not None:
             shapes[name] = tuple(int(d) for d in reversed(t.shape.tolist()))
     types = Counter(t.tensor_type.name for t in reader.tensors)
     params = sum(int(t.n_elements) for t in reader.tensors)
     tokens = metadata(reader).get("tokenizer.ggml.tokens")
-    return read_gguf_config(path, reader), params, types, tokens, shapes
+    return config, params, types, tokens, shapes
 
 
 def _safetensors_tensors(

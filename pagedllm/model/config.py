@@ -53,7 +53,23 @@ class ModelArchConfig:
     pad_token_id: int | None = None
     chat_template: str | None = None
     name: str = ""
+    # Attention variants (Gemma 3, Mistral). layer_types[i] is "sliding_attention" (the
+    # layer sees the last `sliding_window` positions) or "full_attention"; None with a
+    # sliding_window: every layer slides.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # sliding layers' rotary base, where it differs
+    query_pre_attn_scalar: float | None = None  # attention scale = its -1/2 power (Gemma)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None where it attends to every position."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def q_size(self) -> int:
@@ -98,6 +114,17 @@ class ModelArchConfig:
             )
         if self.head_dim % 2:
             return f"{name('head_dim')} = {self.head_dim} is odd (rotary embeddings need pairs)"
+        window = self.sliding_window
+        if window is not None and not (_is_int(window) and 1 <= window <= MAX_CONTEXT):
+            return f"{name('sliding_window')} = {window!r} is not an integer in [1, {MAX_CONTEXT}]"
+        kinds = ("sliding_attention", "full_attention")
+        types = self.layer_types
+        if types is not None and (len(types) != self.num_layers or set(types) - set(kinds)):
+            return f"{name('layer_types')} must name {self.num_layers} layers, each one of {kinds}"
+        for attr in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping"):
+            value = getattr(self, attr)
+            if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
+                return f"{name(attr)} = {value!r} is not a positive number"
         return None
 
 

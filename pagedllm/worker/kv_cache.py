@@ -47,13 +47,16 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device,
 ) -> list[KVCache]:
-    """One cache of `num_blocks` blocks storing `dtype` per layer."""
-    return [
-        make_kv_cache(
+    """One cache of `num_blocks` blocks storing `dtype` per layer, each knowing its layer's
+    sliding window."""
+    caches = []
+    for layer in range(config.num_layers):
+        cache = make_kv_cache(
             num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=dtype, device=device
         )
-        for _ in range(config.num_layers)
-    ]
+        cache.sliding_window = config.layer_window(layer)
+        caches.append(cache)
+    return caches
 
 
 def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None:

@@ -66,8 +66,9 @@ def decode_calls(request, monkeypatch):
     yield calls
 
 
-def reference_attention(q, k, v, scale):
-    """Causal attention of one sequence's last len(q) queries over all of k/v, contiguous."""
+def reference_attention(q, k, v, scale, window=None):
+    """Causal attention of one sequence's last len(q) queries over all of k/v, contiguous
+    (each query over its last `window` positions only, when given)."""
     lq, hq, _ = q.shape
     lk, hkv, _ = k.shape
     group = hq // hkv
@@ -75,7 +76,10 @@ def reference_attention(q, k, v, scale):
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
     q_pos = torch.arange(lk - lq, lk)[:, None]
-    scores = scores.masked_fill(torch.arange(lk)[None, :] > q_pos, -math.inf)
+    k_pos = torch.arange(lk)[None, :]
+    scores = scores.masked_fill(k_pos > q_pos, -math.inf)
+    if window is not None:
+        scores = scores.masked_fill(k_pos <= q_pos - window, -math.inf)
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double()).float()
 
 
@@ -104,9 +108,10 @@ def stored(dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
     return cache.read_slots(0, slots, torch.float32)
 
 
-def run_case(seed: int, dtype: torch.dtype, reference_values=stored):
+def run_case(seed: int, dtype: torch.dtype, reference_values=stored, window=None):
     """A random batch of decodes, prefills and chunks over scattered blocks: the output
-    per sequence and the reference over `reference_values(dtype, k)`, `(..., v)`."""
+    per sequence and the reference over `reference_values(dtype, k)`, `(..., v)` (a
+    sliding-window layer's when `window` is given)."""
     g, block_size, hkv, group, head_dim, seq_lens, query_lens = _case(seed)
     hq = hkv * group
     blocks_needed = [-(-n // block_size) for n in seq_lens]
@@ -118,6 +123,7 @@ def run_case(seed: int, dtype: torch.dtype, reference_values=stored):
         tables.append(perm[used : used + need])
         used += need
     kv_cache = random_cache(dtype, num_blocks, block_size, hkv, head_dim, g)
+    kv_cache.sliding_window = window
     full_k = [torch.randn(n, hkv, head_dim, generator=g) for n in seq_lens]
     full_v = [torch.randn(n, hkv, head_dim, generator=g) for n in seq_lens]
     # write the cached context, as earlier steps would have
@@ -136,7 +142,7 @@ def run_case(seed: int, dtype: torch.dtype, reference_values=stored):
     starts = meta.query_start_loc.tolist()
     for i, (q, k, v) in enumerate(zip(q_all, full_k, full_v, strict=True)):
         k, v = reference_values(dtype, k), reference_values(dtype, v)
-        yield out[starts[i] : starts[i + 1]], reference_attention(q, k, v, scale)
+        yield out[starts[i] : starts[i + 1]], reference_attention(q, k, v, scale, window)
     return query_lens
 
 
@@ -150,6 +156,19 @@ def test_paged_attention_matches_contiguous_reference(kv_dtype, seed, decode_cal
     format: within float32 rounding of attention over the values the cache stores."""
     decoded = False
     for out, expected in run_case(seed, FORMATS[kv_dtype]):
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        decoded |= out.shape[0] == 1
+    if decode_calls is not None and decoded:
+        assert decode_calls, "the decodes did not go through the C kernel"
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_sliding_window_attention_matches_the_windowed_reference(seed, decode_calls):
+    """A sliding-window layer's queries see their last `window` positions, in decodes
+    (C kernel or torch), whole prefills and chunks over cached blocks."""
+    window = [1, 5, 16, 33, 64][seed % 5]
+    decoded = False
+    for out, expected in run_case(seed, torch.float32, window=window):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
         decoded |= out.shape[0] == 1
     if decode_calls is not None and decoded:

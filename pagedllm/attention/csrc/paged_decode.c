@@ -39,6 +39,7 @@ typedef struct {
     uint16_t *key_scales, *value_scales;
     float key_scale, value_scale;
     int format, block_size, num_kv_heads, head_dim;
+    int window; /* a sliding-window layer's span (keys before the last `window` unseen), or 0 */
 } paged_kv;
 
 static inline size_t element_size(int format) {
@@ -264,13 +265,13 @@ static inline void prefetch_head(const paged_kv *kv, const void *half, size_t sl
    This is the plain version, for any head_dim and machine; attend_vector below is the
    one that runs where the vector unit takes whole rows. */
 static void attend_scalar(const float *q, const paged_kv *kv, const int64_t *table,
-                               int64_t len, int h, int group, float scale,
+                               int64_t start, int64_t len, int h, int group, float scale,
                                float *scores /* [group, len] */, float *o /* [group, D] */) {
     const int head_dim = kv->head_dim, block_size = kv->block_size, heads = kv->num_kv_heads;
     float buf[MAX_HEAD_DIM];
     for (int64_t t = 0; t < len; t++) {
-        if (t + AHEAD < len) prefetch_head(kv, kv->key, token_slot(table, t + AHEAD, block_size), h);
-        const size_t slot = token_slot(table, t, block_size);
+        if (t + AHEAD < len) prefetch_head(kv, kv->key, token_slot(table, start + t + AHEAD, block_size), h);
+        const size_t slot = token_slot(table, start + t, block_size);
         const float *k = load_head(kv->key, kv->format, slot, h, heads, head_dim, buf);
         const float k_scale = scale * head_scale(kv->key_scales, kv->key_scale, slot, h, heads);
         for (int g = 0; g < group; g++) {
@@ -286,8 +287,8 @@ static void attend_scalar(const float *q, const paged_kv *kv, const int64_t *tab
         memset(o + (size_t)g * head_dim, 0, sizeof(float) * head_dim);
     }
     for (int64_t t = 0; t < len; t++) {
-        if (t + AHEAD < len) prefetch_head(kv, kv->value, token_slot(table, t + AHEAD, block_size), h);
-        const size_t slot = token_slot(table, t, block_size);
+        if (t + AHEAD < len) prefetch_head(kv, kv->value, token_slot(table, start + t + AHEAD, block_size), h);
+        const size_t slot = token_slot(table, start + t, block_size);
         const float *v = load_head(kv->value, kv->format, slot, h, heads, head_dim, buf);
         const float v_scale = head_scale(kv->value_scales, kv->value_scale, slot, h, heads);
         for (int g = 0; g < group; g++) {
@@ -349,13 +350,13 @@ static inline float vsum(vec v) {
    value pass walks the tokens once per LANES-wide slice of the output, its four
    accumulators in registers (the scalar loop kept them in memory: a load and a store
    per value and head). Measured on the 2-core Xeon: see BENCHMARKS.md (issue 14). */
-static void attend_vector(const float *q, const paged_kv *kv, const int64_t *table, int64_t len,
-                          int h, int group, float scale, float *scores, float *o) {
+static void attend_vector(const float *q, const paged_kv *kv, const int64_t *table, int64_t start,
+                          int64_t len, int h, int group, float scale, float *scores, float *o) {
     const int head_dim = kv->head_dim, block_size = kv->block_size, heads = kv->num_kv_heads,
               format = kv->format;
     for (int64_t t = 0; t < len; t++) {
-        if (t + AHEAD < len) prefetch_head(kv, kv->key, token_slot(table, t + AHEAD, block_size), h);
-        const size_t slot = token_slot(table, t, block_size);
+        if (t + AHEAD < len) prefetch_head(kv, kv->key, token_slot(table, start + t + AHEAD, block_size), h);
+        const size_t slot = token_slot(table, start + t, block_size);
         const size_t first = (slot * (size_t)heads + (size_t)h) * (size_t)head_dim;
         const float k_scale = scale * head_scale(kv->key_scales, kv->key_scale, slot, h, heads);
         for (int g0 = 0; g0 < group; g0 += 4) {
@@ -379,7 +380,7 @@ static void attend_vector(const float *q, const paged_kv *kv, const int64_t *tab
     for (int g = 0; g < group; g++) softmax(scores + (size_t)g * len, len);
     /* the values' scales folded into the probabilities once, not once per slice */
     for (int64_t t = 0; t < len; t++) {
-        const size_t slot = token_slot(table, t, block_size);
+        const size_t slot = token_slot(table, start + t, block_size);
         const float v_scale = head_scale(kv->value_scales, kv->value_scale, slot, h, heads);
         if (v_scale != 1.f)
             for (int g = 0; g < group; g++) scores[(size_t)g * len + t] *= v_scale;
@@ -390,9 +391,9 @@ static void attend_vector(const float *q, const paged_kv *kv, const int64_t *tab
         for (int d = 0; d < head_dim; d += LANES) {
             vec o0 = vzero(), o1 = vzero(), o2 = vzero(), o3 = vzero();
             for (int64_t t = 0; t < len; t++) {
-                const size_t slot = token_slot(table, t, block_size);
+                const size_t slot = token_slot(table, start + t, block_size);
                 if (d == 0 && t + AHEAD < len)
-                    prefetch_head(kv, kv->value, token_slot(table, t + AHEAD, block_size), h);
+                    prefetch_head(kv, kv->value, token_slot(table, start + t + AHEAD, block_size), h);
                 const vec v = widen(kv->value, format,
                                     (slot * (size_t)heads + (size_t)h) * (size_t)head_dim + (size_t)d);
                 o0 = vfma(vset1(p0[t]), v, o0);
@@ -410,16 +411,18 @@ static void attend_vector(const float *q, const paged_kv *kv, const int64_t *tab
 }
 #endif
 
+/* A sliding-window layer attends to the last kv->window positions only. */
 static inline void attend_one_kv_head(const float *q, const paged_kv *kv, const int64_t *table,
                                       int64_t len, int h, int group, float scale, float *scores,
                                       float *o) {
+    const int64_t start = kv->window > 0 && len > kv->window ? len - kv->window : 0;
 #ifdef LANES
     if (kv->head_dim % LANES == 0) {
-        attend_vector(q, kv, table, len, h, group, scale, scores, o);
+        attend_vector(q, kv, table, start, len - start, h, group, scale, scores, o);
         return;
     }
 #endif
-    attend_scalar(q, kv, table, len, h, group, scale, scores, o);
+    attend_scalar(q, kv, table, start, len - start, h, group, scale, scores, o);
 }
 
 /* Return 0, -1 when a score buffer could not be allocated, -2 for a head_dim past

@@ -42,7 +42,16 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
+# Gemma normalises around both blocks: llama.cpp's ffn_norm is the norm before the MLP
+_GEMMA_LAYER_NAMES = _LAYER_NAMES | {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_ARCH_LAYER_NAMES = {"gemma3": _GEMMA_LAYER_NAMES}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -52,15 +61,16 @@ _GLOBAL_NAMES = {
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """The Hugging Face name of a llama.cpp tensor, or None for tensors we do not use."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _ARCH_LAYER_NAMES.get(architecture, _LAYER_NAMES)
     match = _LAYER_RE.match(gguf_name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    if match is None or match.group(2) not in names:
         return None
     layer, kind, suffix = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+    return f"model.layers.{layer}.{names[kind]}.{suffix}"
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
@@ -166,8 +176,32 @@ def read_config(path: str | Path, reader: GGUFReader | None = None) -> ModelArch
         chat_template=template,
         name=name if isinstance(name, str) and name else Path(path).stem,
     )
+    if arch == "gemma3":
+        _gemma3_attention(config, meta, a)
     config.validate(path, _gguf_names(a))
     return config
+
+
+# Gemma 3 facts its GGUF files leave out, as llama.cpp fixes them: every 6th layer attends
+# globally, the others slide with a rotary base of 10,000; queries are scaled by the head
+# size, except in the 27B (62 layers), which scales by hidden size / heads.
+GEMMA3_GLOBAL_EVERY = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+
+
+def _gemma3_attention(config: ModelArchConfig, meta: _Metadata, a: str) -> None:
+    config.sliding_window = meta.integer(a + "attention.sliding_window", 512, high=MAX_CONTEXT)
+    config.layer_types = [
+        "full_attention" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
+        for i in range(config.num_layers)
+    ]
+    config.rope_local_theta = GEMMA3_LOCAL_ROPE_THETA
+    if config.num_layers == 62:
+        config.query_pre_attn_scalar = config.hidden_size / config.num_heads
+    else:
+        config.query_pre_attn_scalar = float(config.head_dim)
+    if meta.raw.get(a + "final_logit_softcapping") is not None:
+        config.final_logit_softcapping = meta.positive(a + "final_logit_softcapping", 1.0)
 
 
 def _gguf_names(a: str) -> dict[str, str]:
@@ -183,6 +217,7 @@ def _gguf_names(a: str) -> dict[str, str]:
         "rms_norm_eps": a + "attention.layer_norm_rms_epsilon",
         "rope_theta": a + "rope.freq_base",
         "max_position_embeddings": a + "context_length",
+        "sliding_window": a + "attention.sliding_window",
     }
 
 
@@ -322,7 +357,7 @@ def load_gguf(
     config = read_config(path, reader)
     tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, config.architecture)
         if name is None:
             continue
         value = _tensor_value(path, tensor, name, dtype, quantized)

@@ -9,6 +9,7 @@ runs four matrix products over the whole batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +37,29 @@ def check_shapes(
             raise ModelLoadError(
                 path, f"tensor {name!r} has shape {found[name]}, expected {shape} for this config"
             )
+
+
+def projection_shapes(c: ModelArchConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors every Llama-shaped model has (Hugging Face names): embeddings, final
+    norm, LM head unless tied, and each layer's attention and gated-MLP projections."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+        "model.norm.weight": (c.hidden_size,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (c.q_size, c.hidden_size),
+            p + "self_attn.k_proj.weight": (c.kv_size, c.hidden_size),
+            p + "self_attn.v_proj.weight": (c.kv_size, c.hidden_size),
+            p + "self_attn.o_proj.weight": (c.hidden_size, c.q_size),
+            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        }
+    return shapes
 
 
 class LlamaAttention(nn.Module):
@@ -69,13 +93,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelArchConfig) -> None:
+    """The gated MLP: down(act(gate) * up), gate and up fused into one product."""
+
+    def __init__(
+        self,
+        config: ModelArchConfig,
+        activation: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul,
+    ) -> None:
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.activation(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -220,22 +251,10 @@ class LlamaForCausalLM(nn.Module):
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor a file must provide (Hugging Face names) and its shape."""
         c = self.config
-        shapes: dict[str, tuple[int, ...]] = {
-            "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-            "model.norm.weight": (c.hidden_size,),
-        }
-        if not c.tie_word_embeddings:
-            shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+        shapes = projection_shapes(c)
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             shapes |= {
-                p + "self_attn.q_proj.weight": (c.q_size, c.hidden_size),
-                p + "self_attn.k_proj.weight": (c.kv_size, c.hidden_size),
-                p + "self_attn.v_proj.weight": (c.kv_size, c.hidden_size),
-                p + "self_attn.o_proj.weight": (c.hidden_size, c.q_size),
-                p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-                p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-                p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
                 p + "input_layernorm.weight": (c.hidden_size,),
                 p + "post_attention_layernorm.weight": (c.hidden_size,),
             }

@@ -9,6 +9,7 @@ from torch import nn
 
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.loader.errors import ModelLoadError
+from pagedllm.model.models.gemma3 import Gemma3ForCausalLM
 from pagedllm.model.models.llama import LlamaForCausalLM, check_shapes
 
 # Mistral and Qwen2 are Llama with small differences the config carries
@@ -17,6 +18,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 

