@@ -30,6 +30,28 @@ Message = dict[str, Any]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
+# Tokens that end a chat turn, which a model may emit instead of its EOS: generation stops
+# at them too (llama.cpp's end-of-generation set, vLLM's generation-config EOS ids).
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+# Gemma's turn format, for Gemma GGUFs that carry no chat template: a system message
+# opens the first user turn, the assistant speaks as "model".
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(prefix='') -%}"
+    "{%- set turns = messages -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set ns.prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' }}{% if loop.first %}{{ ns.prefix }}{% endif %}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 
 class Tokenizer:
     """Text ↔ token ids for one model, plus its chat template."""
@@ -39,6 +61,18 @@ class Tokenizer:
         self.eos_token_id = eos_token_id if eos_token_id is not None else hf_tokenizer.eos_token_id
         self.bos_token_id = hf_tokenizer.bos_token_id
         self.vocab_size = len(hf_tokenizer)
+        self.end_of_turn_ids = [
+            t
+            for t in (self._token_id(token) for token in END_OF_TURN_TOKENS)
+            if t is not None and t != self.eos_token_id
+        ]
+
+    def _token_id(self, token: str) -> int | None:
+        """The id of a token the vocabulary has as a whole, or None."""
+        token_id = self.hf.convert_tokens_to_ids(token)
+        if token_id is None or self.hf.convert_ids_to_tokens(token_id) != token:
+            return None
+        return token_id
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; BOS is added only where the model's tokenizer adds it."""
@@ -97,4 +131,7 @@ def load_tokenizer(model: str | Path | None) -> Tokenizer:
             hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(path, f"cannot build the tokenizer ({e})") from e
-    return Tokenizer(hf)
+    tokenizer = Tokenizer(hf)
+    if not tokenizer.has_chat_template and tokenizer._token_id("<start_of_turn>") is not None:
+        hf.chat_template = GEMMA_CHAT_TEMPLATE
+    return tokenizer

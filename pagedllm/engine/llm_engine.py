@@ -27,7 +27,7 @@ from pagedllm.engine.step_stats import StepStats
 from pagedllm.model.loader import load_model, resolve_model_path
 from pagedllm.outputs import RequestOutput
 from pagedllm.request import Request, RequestStatus
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from pagedllm.spec_decode import (
     DraftModelProposer,
     NgramProposer,
@@ -213,7 +213,9 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
         text, ids = self.tokenize_prompt(prompt)
-        params = params.within_vocabulary(self.model_config.vocab_size)
+        params = self._with_end_of_turn_stops(
+            params.within_vocabulary(self.model_config.vocab_size)
+        )
         request = Request(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -226,6 +228,15 @@ class LLMEngine:
         self.output_processor.add_request(request, text, request.arrival_time)
         if params.n > 1:
             self._pending_fork[request_id] = params.n
+
+    def _with_end_of_turn_stops(self, params: SamplingParams) -> SamplingParams:
+        """Stop at the model's end-of-turn tokens too (Gemma's <end_of_turn>, Llama 3's
+        <|eot_id|>), as at EOS: a chat model ends its answer with one of them."""
+        extra = [t for t in self.tokenizer.end_of_turn_ids if t not in params.stop_token_ids]
+        room = MAX_STOP_TOKEN_IDS - len(params.stop_token_ids)
+        if not extra or params.ignore_eos or room < len(extra):
+            return params
+        return params.clone(stop_token_ids=[*params.stop_token_ids, *extra])
 
     def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
         """End requests now and free every block they hold."""

@@ -119,3 +119,28 @@ def test_the_window_matters_at_that_length(gemma_path, long_case, monkeypatch):
     ids, expected_tokens, expected = long_case
     tokens, ours = _logprobs_of(LLM(model=gemma_path, exact_matmul=True), ids)
     assert tokens != expected_tokens or (ours - expected).abs().max() > 1e-3
+
+
+def test_chat_template_and_end_of_turn(gemma):
+    """The GGUF has no template: Gemma's turn format is used, and <end_of_turn> ends an
+    answer as EOS does (unless ignore_eos)."""
+    tokenizer = gemma.get_tokenizer()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! "},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    assert tokenizer.apply_chat_template(messages) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nCapital of France?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    end_of_turn = tokenizer.hf.convert_tokens_to_ids("<end_of_turn>")
+    assert tokenizer.end_of_turn_ids == [end_of_turn]
+    forced = SamplingParams(temperature=0, max_tokens=8, logit_bias={end_of_turn: 100})
+    [out] = gemma.chat(messages, forced, use_tqdm=False)
+    assert out.outputs[0].token_ids == [end_of_turn]
+    assert out.outputs[0].finish_reason == "stop"
+    [out] = gemma.chat(messages, forced.clone(ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 8
