@@ -47,6 +47,7 @@ class ModelArchConfig:
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     attention_bias: bool = False
+    qk_norm: bool = False  # an RMSNorm over each query and key head before the rotation (Qwen3)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None

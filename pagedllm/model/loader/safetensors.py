@@ -13,7 +13,13 @@ from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.loader.errors import ModelLoadError
 
 # config.json "model_type" → our architecture names (as GGUF spells them)
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+}
 
 
 # ModelArchConfig fields → config.json keys, for error messages
@@ -41,6 +47,12 @@ def read_config(folder: str | Path) -> ModelArchConfig:
     arch = _MODEL_TYPES.get(model_type, model_type)
     if not isinstance(arch, str):
         raise ModelLoadError(config_path, "config.json has no model_type")
+    if model_type == "gemma3":
+        raise ModelLoadError(
+            config_path,
+            "a multimodal Gemma 3 checkpoint (model_type gemma3): only its text model "
+            "(model_type gemma3_text) is supported",
+        )
     fields = _Fields(config_path, raw)
     hidden = fields.integer("hidden_size")
     num_heads = fields.integer("num_attention_heads")
@@ -48,6 +60,13 @@ def read_config(folder: str | Path) -> ModelArchConfig:
     rope = raw.get(rope_key) or {}
     if not isinstance(rope, dict):
         raise ModelLoadError(config_path, f"{rope_key} = {rope!r} is not a JSON object")
+    # Gemma 3 (transformers v5): rotary parameters per attention type
+    local_rope = rope.get("sliding_attention")
+    if isinstance(rope.get("full_attention"), dict):
+        rope = rope["full_attention"]
+    local_theta = raw.get("rope_local_base_freq")
+    if isinstance(local_rope, dict):
+        local_theta = local_rope.get("rope_theta", local_theta)
     # rope_parameters' rope_theta (transformers v5) wins over the top-level one
     rope_theta = _Fields(config_path, raw | rope).number("rope_theta", 10000.0)
     rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -73,9 +92,43 @@ def read_config(folder: str | Path) -> ModelArchConfig:
         pad_token_id=_first_int(raw.get("pad_token_id")),
         chat_template=tokenizer_config.get("chat_template"),
         name=folder.name,
+        qk_norm=arch == "qwen3",
+        query_pre_attn_scalar=_optional_number(fields, "query_pre_attn_scalar"),
+        final_logit_softcapping=_optional_number(fields, "final_logit_softcapping"),
     )
+    if local_theta is not None:
+        local = _Fields(config_path, {"rope_local_base_freq": local_theta})
+        config.rope_local_theta = local.number("rope_local_base_freq", 0)
+    _sliding_window(config, fields)
+    if raw.get("attn_logit_softcapping") is not None:
+        raise ModelLoadError(config_path, "attn_logit_softcapping is not supported")
     config.validate(config_path, _HF_NAMES)
     return config
+
+
+def _optional_number(fields: _Fields, key: str) -> float | None:
+    return None if fields.raw.get(key) is None else fields.number(key, 0)
+
+
+def _sliding_window(config: ModelArchConfig, fields: _Fields) -> None:
+    """Which layers slide and how far: Mistral's every layer, Gemma 3's `layer_types` (or
+    its every-Nth-global pattern); Qwen's window only with use_sliding_window."""
+    raw = fields.raw
+    if raw.get("sliding_window") is None or raw.get("use_sliding_window") is False:
+        return
+    config.sliding_window = fields.integer("sliding_window")
+    types = raw.get("layer_types")
+    if types is None and config.architecture == "gemma3":
+        every = fields.integer("sliding_window_pattern", 6)
+        types = [
+            "full_attention" if (i + 1) % every == 0 else "sliding_attention"
+            for i in range(config.num_layers)
+        ]
+    if types is not None and not (
+        isinstance(types, list) and all(isinstance(t, str) for t in types)
+    ):
+        raise ModelLoadError(fields.path, f"layer_types = {types!r} is not a list of names")
+    config.layer_types = types
 
 
 class _Fields:

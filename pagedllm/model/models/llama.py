@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, SmolLM/SmolLM2, TinyLlama, Mistral, Qwen2) over a paged KV cache.
+"""The Llama family (Llama 2/3, SmolLM/SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3) over a
+paged KV cache. Qwen2 adds a bias to Q/K/V, Qwen3 an RMSNorm per query and key head.
 
 The forward takes one flat batch of tokens from many sequences (no padding) and the
 attention metadata that says which tokens belong to which sequence and where their
@@ -74,6 +75,10 @@ class LlamaAttention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
     def forward(
         self,
@@ -84,6 +89,13 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         tokens, heads = qkv.shape[0], self.num_heads + self.num_kv_heads
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rotary(self.q_norm(q.reshape(tokens, self.num_heads, -1)), *cos_sin)
+            k = apply_rotary(self.k_norm(k.reshape(tokens, self.num_kv_heads, -1)), *cos_sin)
+            v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+            out = paged_attention(q, k, v, kv_cache, meta, self.scale)
+            return self.o_proj(out.reshape(-1, self.q_size))
         # Q and K sit side by side in the fused output: rotate them in one go.
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(tokens, heads, -1), *cos_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -147,6 +159,7 @@ class LlamaDecoderLayer(nn.Module):
                 and p.bias is None
                 for p in projections
             )
+            and self.self_attn.q_norm is None
             and self.input_layernorm.weight.dtype == torch.float32
             and self.post_attention_layernorm.weight.dtype == torch.float32
             and cpu_decode.paged_decode_rope_kernel() is not None
@@ -264,6 +277,11 @@ class LlamaForCausalLM(nn.Module):
                     p + "self_attn.k_proj.bias": (c.kv_size,),
                     p + "self_attn.v_proj.bias": (c.kv_size,),
                 }
+            if c.qk_norm:
+                shapes |= {
+                    p + "self_attn.q_norm.weight": (c.head_dim,),
+                    p + "self_attn.k_norm.weight": (c.head_dim,),
+                }
         return shapes
 
     def load_weights(
@@ -313,6 +331,9 @@ class LlamaForCausalLM(nn.Module):
             linear(layer.mlp.down_proj, [mlp + "down_proj.weight"])
             layer.input_layernorm.weight = dense(src + "input_layernorm.weight")
             layer.post_attention_layernorm.weight = dense(src + "post_attention_layernorm.weight")
+            if layer.self_attn.q_norm is not None and layer.self_attn.k_norm is not None:
+                layer.self_attn.q_norm.weight = dense(attn + "q_norm.weight")
+                layer.self_attn.k_norm.weight = dense(attn + "k_norm.weight")
         rope_freqs = tensors.get("rope_freqs")
         self.rotary = self._build_rotary(rope_freqs, path).to(device)  # type: ignore[arg-type]
         self.fused_decode = dtype == torch.float32 and all(

@@ -12,12 +12,13 @@ from pagedllm.model.loader.errors import ModelLoadError
 from pagedllm.model.models.gemma3 import Gemma3ForCausalLM
 from pagedllm.model.models.llama import LlamaForCausalLM, check_shapes
 
-# Mistral and Qwen2 are Llama with small differences the config carries
-# (sliding window unused at these lengths; Qwen2's QKV bias).
+# Mistral, Qwen2 and Qwen3 are Llama with differences the config carries (Mistral's
+# sliding window, Qwen2's QKV bias, Qwen3's per-head Q/K norms).
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
     "gemma3": Gemma3ForCausalLM,
 }
 
