@@ -25,6 +25,7 @@ from transformers import (
 from pagedllm.attention import AttentionMetadata
 from pagedllm.model.loader import load_model
 from pagedllm.worker.kv_cache import allocate_kv_cache
+from tests.model.tiny_gguf import finish
 
 SMALL = dict(
     hidden_size=64,
@@ -155,11 +156,7 @@ def write_gguf(model: torch.nn.Module, arch: str, path: Path) -> Path:
                 "lm_head.weight": "output.weight",
             }[name]
         writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finish(writer, path)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])

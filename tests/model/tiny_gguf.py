@@ -85,6 +85,11 @@ def write_tiny_gguf(
             writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=quantize)
             continue
         writer.add_tensor(name, value)
+    return finish(writer, path)
+
+
+def finish(writer: GGUFWriter, path: Path) -> Path:
+    """Write a GGUF whose metadata and tensors have been added."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -169,7 +169,7 @@ def read_config(path: str | Path, reader: GGUFReader | None = None) -> ModelArch
         rope_scaling=_rope_scaling(meta, a),
         max_position_embeddings=meta.integer(a + "context_length", 2048, high=MAX_CONTEXT),
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        qk_norm=arch != "gemma3" and "blk.0.attn_q_norm.weight" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.token_id("tokenizer.ggml.eos_token_id"),

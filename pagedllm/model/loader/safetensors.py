@@ -92,7 +92,7 @@ def read_config(folder: str | Path) -> ModelArchConfig:
         pad_token_id=_first_int(raw.get("pad_token_id")),
         chat_template=tokenizer_config.get("chat_template"),
         name=folder.name,
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "gemma3"),
         query_pre_attn_scalar=_optional_number(fields, "query_pre_attn_scalar"),
         final_logit_softcapping=_optional_number(fields, "final_logit_softcapping"),
     )

@@ -17,50 +17,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagedllm.attention import AttentionMetadata, KVCache, paged_attention
+from pagedllm.attention import AttentionMetadata, KVCache
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.activation import gelu_tanh_and_mul
 from pagedllm.model.layers.linear import Embedding, Linear, WeightPart
 from pagedllm.model.layers.rms_norm import RMSNorm
-from pagedllm.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_frequencies
+from pagedllm.model.layers.rotary import RotaryEmbedding, rope_frequencies
 from pagedllm.model.loader.errors import ModelLoadError
-from pagedllm.model.models.llama import LlamaMLP, check_shapes, projection_shapes
+from pagedllm.model.models.llama import (
+    LlamaAttention,
+    LlamaMLP,
+    check_shapes,
+    projection_shapes,
+)
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-
-class Gemma3Attention(nn.Module):
-    def __init__(self, config: ModelArchConfig) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
-        self.qkv_proj = Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
-        )
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-
-    def forward(
-        self, hidden: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
-        tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(self.q_norm(q.reshape(tokens, self.num_heads, -1)), *cos_sin)
-        k = apply_rotary(self.k_norm(k.reshape(tokens, self.num_kv_heads, -1)), *cos_sin)
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config: ModelArchConfig, layer: int) -> None:
         super().__init__()
         self.is_sliding = config.layer_window(layer) is not None
-        self.self_attn = Gemma3Attention(config)
+        self.self_attn = LlamaAttention(config)  # with Q/K norms and Gemma's scale
         self.mlp = LlamaMLP(config, gelu_tanh_and_mul)
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
