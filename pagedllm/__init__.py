@@ -1,10 +1,11 @@
 """pagedllm: an LLM inference and serving engine built on PagedAttention."""
 
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "BeamSearchParams", "SamplingParams", "__version__"]
+__all__ = ["LLM", "BeamSearchParams", "PoolingParams", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):

@@ -148,6 +148,7 @@ class SpeculativeConfig:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+POOLING_CHOICES = ("auto", "last", "mean", "cls")
 
 
 @dataclass
@@ -176,6 +177,7 @@ class EngineArgs:
     exact_matmul: bool = False
     threads: int | None = None  # None: every core the process may run on
     speculative_config: str | dict[str, Any] | None = None  # see SpeculativeConfig
+    pooling: str = "auto"  # embedding requests: auto (the model's, else last), last, mean, cls
 
     def __post_init__(self) -> None:
         _check_bool("exact_matmul", self.exact_matmul)
@@ -198,6 +200,8 @@ class EngineArgs:
             raise ValueError(
                 f"kv_cache_memory must be a positive number of GiB, got {self.kv_cache_memory!r}"
             )
+        if self.pooling not in POOLING_CHOICES:
+            raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {self.pooling!r}")
         # the parts validate themselves
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
         self.cache_config(num_blocks=self.num_kv_blocks)
@@ -247,6 +251,8 @@ ENGINE_ARG_HELP = {
     "speculative_config": 'speculative decoding as JSON, e.g. \'{"method": "ngram", '
     '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}\' '
     'or \'{"method": "draft_model", "model": "PATH", "num_speculative_tokens": 4}\'',
+    "pooling": "how embedding requests pool the prompt's hidden states: auto (the model's "
+    "pooling type where its file names one, else last), last, mean or cls (normalised)",
     "exact_matmul": "multiply quantized GGUF weights in float32 from their exact values "
     "(matches transformers; default: int8 activations, a scale per 16 values, as llama.cpp)",
     "threads": "CPU threads for kernels and torch (default: every core this process may use)",

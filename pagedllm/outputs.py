@@ -84,6 +84,23 @@ class RequestOutput:
 
 
 @dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """An embedding request's result, as vLLM's: the pooled vector of its prompt.
+    `finished` is True always; `error` says why an aborted one has no vector."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+    error: str | None = None
+
+
+@dataclass
 class BeamSearchSequence:
     """One finished beam of ``LLM.beam_search``: its generated tokens, text and scores."""
 

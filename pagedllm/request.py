@@ -71,6 +71,10 @@ class Request:
     # Draft tokens proposed for the next step (speculative decoding): scheduled after the
     # last token and verified by the step; never part of the sequence until accepted.
     spec_token_ids: list[int] = field(default_factory=list, repr=False)
+    # An embedding request: its prompt is computed and pooled, nothing is sampled, and it
+    # ends (blocks freed) with its last prefill chunk. "last", "mean" or "cls".
+    pooling: str | None = None
+    pooling_normalize: bool = True
     all_token_ids: list[int] = field(init=False, repr=False)
     _max_tokens: int | None = field(default=None, init=False, repr=False)
 
@@ -94,6 +98,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def needs_every_prompt_state(self) -> bool:
+        """Whether the hidden state of every prompt position is read (mean or cls pooling):
+        such a request computes its whole prompt, prefix-cache hits or not."""
+        return self.pooling in ("mean", "cls")
 
     @property
     def max_tokens(self) -> int | None:

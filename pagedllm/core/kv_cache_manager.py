@@ -136,10 +136,14 @@ class KVCacheManager:
         Returns the blocks (not yet referenced: pass them to ``allocate_slots``) and
         the number of tokens they cover. The last token is never taken from the
         cache, because its forward pass produces the logits the next token is
-        sampled from. A request asking for prompt logprobs needs every prompt
-        position computed, so it skips the cache.
+        sampled from. A request asking for prompt logprobs, or pooling every prompt
+        position's state, needs every prompt position computed, so it skips the cache.
         """
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+        if (
+            not self.enable_caching
+            or request.sampling_params.prompt_logprobs is not None
+            or request.needs_every_prompt_state
+        ):
             return [], 0
         seq = self._seqs.get(request.request_id)
         if seq is None:

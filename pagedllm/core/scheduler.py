@@ -333,6 +333,10 @@ class Scheduler:
                 cache_blocks(request, num_computed)
                 if num_computed < len(request.all_token_ids):
                     continue
+                if request.pooling is not None:  # an embedding: done with its prompt
+                    request.status = RequestStatus.FINISHED_STOPPED
+                    finished.append(request)
+                    continue
             for token_id in sampled:
                 request.append_output_token_ids(token_id)
                 if request.check_stop(max_len):

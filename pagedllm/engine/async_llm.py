@@ -33,7 +33,14 @@ from typing import Any, Protocol
 from pagedllm.config import EngineArgs
 from pagedllm.core.invariants import InvariantError
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
-from pagedllm.outputs import Logprob, RequestMetrics, RequestOutput, SampleLogprobs
+from pagedllm.outputs import (
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+    SampleLogprobs,
+)
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -95,13 +102,16 @@ class RequestStream:
         self.request_id = request_id
         self.loop = loop
         self._unread: _UnreadDeltas | None = None
+        self._whole: EmbeddingRequestOutput | None = None  # an embedding's one answer
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self.finished = False
 
-    def put(self, item: RequestDelta | BaseException) -> None:
+    def put(self, item: RequestDelta | EmbeddingRequestOutput | BaseException) -> None:
         if isinstance(item, BaseException):
             self._error = self._error or item
+        elif isinstance(item, EmbeddingRequestOutput):
+            self._whole = item
         elif self._unread is None:
             self._unread = _UnreadDeltas(item)
         else:
@@ -119,9 +129,12 @@ class RequestStream:
     async def __anext__(self) -> RequestDelta:
         if self.finished:
             raise StopAsyncIteration
-        while self._unread is None and self._error is None:
+        while self._unread is None and self._error is None and self._whole is None:
             self._ready.clear()
             await self._ready.wait()
+        if self._whole is not None:
+            self.finished = True
+            return self._whole  # type: ignore[return-value]
         if self._unread is not None:  # what came before the error is still delivered
             delta, self._unread = self._unread.merged(), None
             self.finished = delta.finished
@@ -255,7 +268,7 @@ class AsyncLLM:
         return self.engine.tokenize_prompt(prompt)[1]
 
     async def add_request(
-        self, request_id: str, prompt: PromptType, params: SamplingParams
+        self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams
     ) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
@@ -274,6 +287,19 @@ class AsyncLLM:
             self.abort(request_id)  # queued after the add, so it finds the request
             raise
         return stream
+
+    async def embed(
+        self, request_id: str, prompt: PromptType, params: PoolingParams
+    ) -> EmbeddingRequestOutput:
+        """One prompt's embedding; cancelling the wait aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for output in stream:
+                return output  # type: ignore[return-value]
+            raise RequestFailedError("the embedding request ended without a result")
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
 
     async def generate(
         self, request_id: str, prompt: PromptType, params: SamplingParams
@@ -383,9 +409,13 @@ class AsyncLLM:
                 continue
             if output.finished:
                 del self._requests[output.request_id]
-            item: RequestDelta | BaseException = (
-                tracker.delta(output) if output.error is None else RequestFailedError(output.error)
-            )
+            item: RequestDelta | EmbeddingRequestOutput | BaseException
+            if output.error is not None:
+                item = RequestFailedError(output.error)
+            elif isinstance(output, EmbeddingRequestOutput):
+                item = output  # one whole answer: nothing to diff
+            else:
+                item = tracker.delta(output)
             batches[tracker.stream.loop].append((tracker.stream, item))
         for loop, items in batches.items():
             _call_soon(loop, _put_all, items)
@@ -414,6 +444,7 @@ class AsyncLLM:
                 _resolve(command[5], command[4].loop, error)
 
     def _record(self, outputs: Sequence[RequestOutput]) -> None:
+        outputs = [o for o in outputs if isinstance(o, RequestOutput)]  # not embeddings
         self.stats = stats = self.engine.get_metrics()
         now = time.monotonic()
         for stat_logger in self.stat_loggers:

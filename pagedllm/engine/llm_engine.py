@@ -25,7 +25,8 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.step_stats import StepStats
 from pagedllm.model.loader import load_model, resolve_model_path
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from pagedllm.spec_decode import (
@@ -150,6 +151,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._pending_fork: dict[str, int] = {}  # n > 1 requests not yet forked
+        self._embeddings: dict[str, list[int]] = {}  # live embedding requests: their prompts
+        self.pooling = args.pooling if args.pooling != "auto" else config.pooling_type or "last"
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.step_stats = StepStats()
@@ -205,11 +208,15 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         arrival_time: float | None = None,
         priority: int = 0,
     ) -> None:
-        """Queue a request; a ValueError says what is wrong and nothing is kept."""
+        """Queue a request (generation, or an embedding for PoolingParams); a ValueError
+        says what is wrong and nothing is kept."""
+        if isinstance(params, PoolingParams):
+            self._add_embedding(request_id, prompt, params, arrival_time, priority)
+            return
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
         text, ids = self.tokenize_prompt(prompt)
@@ -229,6 +236,31 @@ class LLMEngine:
         if params.n > 1:
             self._pending_fork[request_id] = params.n
 
+    def _add_embedding(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: PoolingParams,
+        arrival_time: float | None,
+        priority: int,
+    ) -> None:
+        """An embedding request: its prompt prefilled in the same steps as generation,
+        pooled, and ended with its last chunk (one token of room, never sampled)."""
+        if request_id in self._embeddings or self.output_processor.sequence_ids(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        _, ids = self.tokenize_prompt(prompt)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            sampling_params=SamplingParams(max_tokens=1),
+            arrival_time=arrival_time or time.monotonic(),
+            priority=priority,
+            pooling=params.pooling or self.pooling,
+            pooling_normalize=params.normalize,
+        )
+        self.scheduler.add_request(request)
+        self._embeddings[request_id] = ids
+
     def _with_end_of_turn_stops(self, params: SamplingParams) -> SamplingParams:
         """Stop at the model's end-of-turn tokens too (Gemma's <end_of_turn>, Llama 3's
         <|eot_id|>), as at EOS: a chat model ends its answer with one of them."""
@@ -247,8 +279,15 @@ class LLMEngine:
             self.check_invariants()
         return outputs
 
-    def _end(self, user_id: str, error: str | None = None) -> RequestOutput | None:
+    def _end(
+        self, user_id: str, error: str | None = None
+    ) -> RequestOutput | EmbeddingRequestOutput | None:
         """Abort every sequence of a user request; its final output carries `error`."""
+        if user_id in self._embeddings:
+            self.scheduler.finish_requests([user_id], RequestStatus.FINISHED_ABORTED)
+            self.runner.release([user_id])
+            ids = self._embeddings.pop(user_id)
+            return EmbeddingRequestOutput(user_id, ids, EmbeddingOutput([]), error=error)
         seq_ids = self.output_processor.sequence_ids(user_id)
         self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
         self.runner.release(seq_ids)
@@ -312,6 +351,9 @@ class LLMEngine:
             result.prompt_logprobs,
         )
         outputs, stopped = processed.outputs, processed.stopped_by_string
+        for request_id, vector in result.embeddings.items():
+            ids = self._embeddings.pop(request_id)
+            outputs.append(EmbeddingRequestOutput(request_id, ids, EmbeddingOutput(vector)))  # type: ignore[arg-type]
         if processed.failed:
             gone = self._fail_requests(processed.failed)
             outputs += gone.outputs

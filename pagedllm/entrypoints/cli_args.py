@@ -13,13 +13,14 @@ import types
 import typing
 from typing import Any
 
-from pagedllm.config import DTYPES, ENGINE_ARG_HELP, KV_CACHE_DTYPES, EngineArgs
+from pagedllm.config import DTYPES, ENGINE_ARG_HELP, KV_CACHE_DTYPES, POOLING_CHOICES, EngineArgs
 from pagedllm.sampling_params import SamplingParams
 
 _CHOICES = {
     "dtype": DTYPES,
     "kv_cache_dtype": KV_CACHE_DTYPES,
     "scheduling_policy": ("fcfs", "priority"),
+    "pooling": POOLING_CHOICES,
 }
 
 

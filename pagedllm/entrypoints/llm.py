@@ -12,7 +12,8 @@ from tqdm import tqdm
 from pagedllm.config import EngineArgs
 from pagedllm.engine.beam_search import beam_search
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
-from pagedllm.outputs import BeamSearchOutput, RequestOutput
+from pagedllm.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.tokenizer import Message
 
@@ -90,6 +91,22 @@ class LLM:
         """
         return beam_search(self.engine, _as_prompt_list(prompts), params, use_tqdm)
 
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """The embedding of every prompt (`outputs.embedding`), in the prompts' order.
+
+        The prompts run through the same scheduler and steps as generation (prefill
+        only); pooling is `pooling_params.pooling`, else the engine's `pooling`."""
+        prompts = _as_prompt_list(prompts)
+        for prompt in prompts:  # validate all before queueing any
+            self.engine.tokenize_prompt(prompt)
+        params = [pooling_params or PoolingParams()] * len(prompts)
+        return self._run(prompts, params, use_tqdm)  # type: ignore[arg-type,return-value]
+
     def get_metrics(self) -> dict[str, float]:
         """The engine's counters and gauges, named as the server exports them."""
         return self.engine.get_metrics()
@@ -136,7 +153,8 @@ class LLM:
                     if output.finished:
                         results[output.request_id] = output
                         prompt_tokens += len(output.prompt_token_ids)
-                        output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        if isinstance(output, RequestOutput):
+                            output_tokens += sum(len(c.token_ids) for c in output.outputs)
                         elapsed = max(time.monotonic() - start, 1e-9)
                         bar.set_postfix_str(
                             f"input: {prompt_tokens / elapsed:.1f} toks/s, "

@@ -62,6 +62,7 @@ class ModelArchConfig:
     rope_local_theta: float | None = None  # sliding layers' rotary base, where it differs
     query_pre_attn_scalar: float | None = None  # attention scale = its -1/2 power (Gemma)
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    pooling_type: str | None = None  # an embedding model's pooling, where its file says
     extra: dict[str, Any] = field(default_factory=dict)
 
     def layer_window(self, layer: int) -> int | None:

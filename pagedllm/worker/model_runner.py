@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,7 @@ class PromptLogprobsChunk:
 class RunnerOutput:
     sampled: dict[str, SampledRow]
     prompt_logprobs: dict[str, PromptLogprobsChunk]
+    embeddings: dict[str, list[float]] = field(default_factory=dict)  # finished poolings
 
 
 # Rows of prompt logits materialised at once: 256 × a 49k vocabulary is ~50 MB in fp32.
@@ -72,6 +73,9 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
+        # embedding requests mid-prompt: the sum of their states so far (mean) or the
+        # first position's (cls)
+        self._pooled: dict[str, torch.Tensor] = {}
         self.forward_timer = ForwardTimer(device)
 
     def generator_for(self, request: Request) -> torch.Generator | None:
@@ -93,12 +97,13 @@ class ModelRunner:
             self._generators[child_id] = seeded_generator(seed, self.device)
 
     def live_request_ids(self) -> list[str]:
-        """Requests the runner keeps state for (their seeded random streams)."""
-        return list(self._generators)
+        """Requests the runner keeps state for (seeded random streams, partial poolings)."""
+        return [*self._generators, *self._pooled]
 
     def release(self, request_ids: set[str] | list[str]) -> None:
         for request_id in request_ids:
             self._generators.pop(request_id, None)
+            self._pooled.pop(request_id, None)
 
     @torch.inference_mode()
     def execute(
@@ -114,6 +119,7 @@ class ModelRunner:
         first tokens of an n > 1 request, drawn together from its prompt's logits).
         """
         copy_blocks(self.kv_caches, output.block_copies)
+        self.release(output.preempted_req_ids)  # a preempted pooling starts over
         scheduled = output.scheduled_requests
         if not scheduled:
             return RunnerOutput({}, {})
@@ -141,9 +147,47 @@ class ModelRunner:
             hidden = self.model(ids, meta.positions, self.kv_caches, meta)
         starts = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
         prompt_logprobs = self._prompt_logprobs(output, requests, hidden, starts)
+        embeddings = self._pool(output, requests, hidden, starts)
         return RunnerOutput(
-            self._sample(output, requests, hidden, starts, num_samples), prompt_logprobs
+            self._sample(output, requests, hidden, starts, num_samples),
+            prompt_logprobs,
+            embeddings,
         )
+
+    def _pool(
+        self,
+        output: SchedulerOutput,
+        requests: dict[str, Request],
+        hidden: torch.Tensor,
+        starts: list[int],
+    ) -> dict[str, list[float]]:
+        """Fold each embedding request's chunk into its pooled state; the vectors of those
+        whose prompt is complete (normalised to unit length when asked)."""
+        done: dict[str, list[float]] = {}
+        for i, s in enumerate(output.scheduled_requests):
+            request = requests[s.request_id]
+            if request.pooling is None:
+                continue
+            rows = hidden[starts[i] : starts[i + 1]].float()
+            if request.pooling == "mean":
+                total = rows.sum(dim=0)
+                if s.request_id in self._pooled:
+                    total += self._pooled[s.request_id]
+                self._pooled[s.request_id] = total
+            elif request.pooling == "cls" and s.num_computed_tokens_before == 0:
+                self._pooled[s.request_id] = rows[0]
+            if not s.samples:
+                continue
+            if request.pooling == "last":
+                vector = rows[-1]
+            else:
+                vector = self._pooled.pop(s.request_id)
+                if request.pooling == "mean":
+                    vector = vector / request.num_prompt_tokens
+            if request.pooling_normalize:
+                vector = torch.nn.functional.normalize(vector, dim=0)
+            done[s.request_id] = vector.tolist()
+        return done
 
     def _sample(
         self,
@@ -156,7 +200,11 @@ class ModelRunner:
         # logits only for the rows that sample: each sampling request's last token, and
         # for a request verifying k drafts its k + 1 last positions
         scheduled = output.scheduled_requests
-        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        sampling = [
+            i
+            for i, s in enumerate(scheduled)
+            if s.samples and requests[s.request_id].pooling is None
+        ]
         if not sampling:
             return {}
         positions: list[int] = []

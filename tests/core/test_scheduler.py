@@ -409,3 +409,20 @@ def test_a_prompt_larger_than_the_whole_pool_is_refused():
         sched.add_request(make_request("b", 65, max_tokens=1))
     sched.add_request(make_request("c", 64, max_tokens=None))
     assert sched.get_request("c").max_tokens == 1
+
+
+def test_an_embedding_ends_with_its_prompt_and_mean_pooling_skips_the_cache():
+    """A pooling request is prefill only: finished (blocks freed) by its last chunk,
+    nothing appended. `last` may take cached blocks; `mean` reads every position."""
+    sched, worker = make_scheduler(max_num_batched_tokens=32)
+    sched.add_request(make_request("gen", 40, max_tokens=4))
+    run_to_completion(worker)  # tokens 1..40 cached in two full blocks
+    last, mean = make_request("last", 40), make_request("mean", 40)
+    last.pooling, mean.pooling = "last", "mean"
+    sched.add_request(last)
+    sched.add_request(mean)
+    assert sorted(run_to_completion(worker)) == ["last", "mean"]
+    assert last.num_output_tokens == mean.num_output_tokens == 0
+    assert last.status is mean.status is RequestStatus.FINISHED_STOPPED
+    assert (last.num_cached_tokens, mean.num_cached_tokens) == (32, 0)
+    assert sched.kv_cache_usage == 0.0

@@ -56,6 +56,10 @@ def bounded(schema: dict[str, Any]) -> dict[str, Any]:
     completion["prompt"] = {"type": "string", "minLength": 1, "maxLength": 64}
     for unsupported in ("suffix", "best_of"):
         completion.pop(unsupported, None)
+    # Embeddings: the same for input, and dimensions (any but the model's width is a 400)
+    embedding = schema["components"]["schemas"]["EmbeddingRequest"]["properties"]
+    embedding["input"] = {"type": "string", "minLength": 1, "maxLength": 64}
+    embedding.pop("dimensions", None)
     return schema
 
 
@@ -65,7 +69,13 @@ def document(server) -> dict[str, Any]:
 
 
 def test_openapi_documents_every_post_body(document):
-    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+    for path in (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/tokenize",
+        "/detokenize",
+    ):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         assert body["schema"]["$ref"].startswith("#/components/schemas/")
     assert "ChatMessage" in document["components"]["schemas"]
@@ -79,6 +89,7 @@ def operation_ids() -> list[str]:
         "GET /v1/models",
         "POST /v1/completions",
         "POST /v1/chat/completions",
+        "POST /v1/embeddings",
         "POST /tokenize",
         "POST /detokenize",
         "GET /",

@@ -41,10 +41,12 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
 )
 from pagedllm.entrypoints.openai.serving_chat import ChatServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
+from pagedllm.entrypoints.openai.serving_embedding import EmbeddingServing
 from pagedllm.entrypoints.serve import DEFAULT_MAX_BODY_BYTES
 from pagedllm.metrics import PrometheusMetrics, StatsLine
 
@@ -176,6 +178,7 @@ def build_app(
     llm.add_stat_logger(PrometheusMetrics(registry, served_model_names[0]))
     completions = CompletionServing(llm, served_model_names)
     chat = ChatServing(llm, served_model_names)
+    embeddings = EmbeddingServing(llm, served_model_names)
     app.state.llm = llm
     app.state.registry = registry
 
@@ -220,6 +223,10 @@ def build_app(
     @app.post("/v1/chat/completions", responses=generation_errors)
     async def create_chat_completion(request: Request) -> Response:
         return await chat.create(await parse(request, ChatCompletionRequest), request)
+
+    @app.post("/v1/embeddings", responses=error_responses(400, 401, 404, 413, 503))
+    async def create_embedding(request: Request) -> Response:
+        return await embeddings.create(await parse(request, EmbeddingRequest), request)
 
     @app.post("/tokenize", responses=model_errors)
     async def tokenize(request: Request) -> JSONResponse:
@@ -268,6 +275,7 @@ def build_app(
         {
             "/v1/completions": CompletionRequest,
             "/v1/chat/completions": ChatCompletionRequest,
+            "/v1/embeddings": EmbeddingRequest,
             "/tokenize": TokenizeRequest,
             "/detokenize": DetokenizeRequest,
         },

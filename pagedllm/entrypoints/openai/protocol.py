@@ -152,20 +152,14 @@ class CompletionRequest(_SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list: one text, texts, one token-id list or token-id lists."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
-            raise ValueError("prompt must not be empty")
-        if isinstance(p[0], int):
-            return [p]  # type: ignore[list-item]
+        prompts = prompt_list(self.prompt, "prompt")
         n = self.n or 1  # the schema bounds the list itself at MAX_PROMPTS
-        if n * len(p) > MAX_SEQUENCES_PER_REQUEST:
+        if n * len(prompts) > MAX_SEQUENCES_PER_REQUEST:
             raise ValueError(
-                f"prompt lists {len(p)} prompts with n={n}: {n * len(p)} sequences, "
-                f"more than the {MAX_SEQUENCES_PER_REQUEST} one request may start"
+                f"prompt lists {len(prompts)} prompts with n={n}: {n * len(prompts)} "
+                f"sequences, more than the {MAX_SEQUENCES_PER_REQUEST} one request may start"
             )
-        return list(p)  # type: ignore[arg-type]
+        return prompts
 
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix:
@@ -270,3 +264,30 @@ class ErrorResponse(BaseModel):
     """OpenAI's error body, as every refusal is sent (documented in the OpenAPI schema)."""
 
     error: ErrorInfo
+
+
+class EmbeddingRequest(_Body):
+    """`POST /v1/embeddings`: OpenAI's body (input as text, texts, token ids or lists of
+    them), plus vLLM's `normalize`."""
+
+    model: str | None = None
+    input: Prompt
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    normalize: bool = True
+
+    def inputs(self) -> list[str | list[int]]:
+        """The input as a list: one text, texts, one token-id list or token-id lists."""
+        return prompt_list(self.input, "input")
+
+
+def prompt_list(value: str | list[str] | list[int] | list[list[int]], name: str) -> list:
+    """One text, texts, one token-id list or token-id lists, as a list of prompts."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+    if isinstance(value[0], int):
+        return [value]
+    return list(value)

@@ -179,9 +179,13 @@ def read_config(path: str | Path, reader: GGUFReader | None = None) -> ModelArch
     )
     if arch == "gemma3":
         _gemma3_attention(config, meta, a)
+    config.pooling_type = _LLAMA_CPP_POOLING.get(meta.raw.get(a + "pooling_type"))
     config.validate(path, _gguf_names(a))
     return config
 
+
+# llama.cpp's enum llama_pooling_type: 1 mean, 2 cls, 3 last (0 none, 4 rank: not ours)
+_LLAMA_CPP_POOLING = {1: "mean", 2: "cls", 3: "last"}
 
 # Gemma 3 facts its GGUF files leave out, as llama.cpp fixes them: every 6th layer attends
 # globally, the others slide with a rotary base of 10,000; queries are scaled by the head
