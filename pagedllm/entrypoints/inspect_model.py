@@ -94,6 +94,7 @@ def describe(model: str | Path | None) -> dict[str, Any]:
         "context length": config.max_position_embeddings,
         "vocabulary size": config.vocab_size,
         "rope": f"theta={config.rope_theta:g} scaling={config.rope_scaling or 'none'}",
+        "attention": _attention_layout(config),
         "bos token": token(config.bos_token_id),
         "eos token": token(config.eos_token_id),
         "pad token": token(config.pad_token_id),
@@ -102,6 +103,18 @@ def describe(model: str | Path | None) -> dict[str, Any]:
             name: bytes_per_token(config, KV_CACHE_DTYPES[name]) for name in KV_DTYPES
         },
     }
+
+
+def _attention_layout(config: ModelArchConfig) -> str:
+    """Which layers see everything and which a sliding window (and their rotary base)."""
+    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    sliding = sum(w is not None for w in windows)
+    if not sliding:
+        return f"full in all {config.num_layers} layers"
+    base = f", rope theta {config.rope_local_theta:g}" if config.rope_local_theta else ""
+    window = f"sliding ({config.sliding_window}-token window{base}) in {sliding} layers"
+    full = [str(i) for i, w in enumerate(windows) if w is None]
+    return f"{window}, full in {', '.join(full)}" if full else window
 
 
 def format_description(facts: dict[str, Any]) -> str:

@@ -4,6 +4,8 @@ with prefix caching and chunked prefill, and past the 512-token sliding window."
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
@@ -144,3 +146,28 @@ def test_chat_template_and_end_of_turn(gemma):
     assert out.outputs[0].finish_reason == "stop"
     [out] = gemma.chat(messages, forced.clone(ignore_eos=True), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 8
+
+
+def test_the_command_line_runs_the_gemma_file(gemma_path):
+    """`inspect` describes the layer layout; `generate` and `bench latency` run it."""
+    from tests.entrypoints.terminal import pagedllm_argv
+    from tests.entrypoints.test_chat_generate import _env
+
+    def run(*args: str) -> str:
+        result = subprocess.run(
+            pagedllm_argv(*args), capture_output=True, text=True, env=_env(), timeout=600
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    described = run("inspect", gemma_path)
+    assert "sliding (512-token window, rope theta 10000) in 15 layers, full in 5, 11, 17" in (
+        described
+    )
+    text = run("generate", gemma_path, "-p", "The capital of France is", "-n", "8", "--temp", "0")
+    assert "the capital of the country of France" in text
+    report = run(
+        "bench", "latency", gemma_path, "--batch-size", "1", "--input-len", "16",
+        "--output-len", "4", "--num-iters", "1", "--num-iters-warmup", "0",
+    )  # fmt: skip
+    assert "TPOT" in report
