@@ -16,8 +16,11 @@ tokenizer. Null bytes, RTL marks and emoji are ordinary text.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,42 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
+
+
+def tokenizer_cache_dir() -> Path:
+    """Where tokenizers built from GGUF files are kept: $PAGEDLLM_CACHE/tokenizers, by
+    default ~/.cache/pagedllm/tokenizers."""
+    root = os.environ.get("PAGEDLLM_CACHE") or Path.home() / ".cache" / "pagedllm"
+    return Path(root) / "tokenizers"
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """transformers' tokenizer of a GGUF file, built once per file and then read back
+    from the cache: building it parses every vocabulary string of the file (13 s for
+    Gemma 3's 262k tokens, against 0.5 s to read the saved tokenizer). The key is the
+    file's path, size and modification time, and transformers' version."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    stat = path.stat()
+    identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    cached = tokenizer_cache_dir() / hashlib.sha256(identity.encode()).hexdigest()[:24]
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            shutil.rmtree(cached, ignore_errors=True)  # damaged: build it again
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    partial: Path | None = None
+    try:  # best effort: a read-only home only costs the next start the build again
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cached.parent))
+        hf.save_pretrained(str(partial))
+        os.replace(partial, cached)  # whole or not at all, whoever races us
+    except OSError:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+    return hf
 
 
 class Tokenizer:
@@ -126,7 +165,7 @@ def load_tokenizer(model: str | Path | None) -> Tokenizer:
     path = resolve_model_path(model)
     try:
         if path.is_file():
-            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            hf = _gguf_tokenizer(path)
         else:
             hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -44,3 +44,34 @@ def test_hostile_template_cannot_reach_python_internals(tokenizer):
     hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(ValueError, match="chat template failed"):
         tokenizer.apply_chat_template([{"role": "user", "content": "x"}], chat_template=hostile)
+
+
+def test_a_gguf_tokenizer_is_built_once_then_read_from_the_cache(
+    tmp_path, monkeypatch, default_model_path
+):
+    from transformers import AutoTokenizer
+
+    from pagedllm import tokenizer as tokenizer_module
+
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path))
+    built = []
+    original = AutoTokenizer.from_pretrained
+
+    def counting(*args, **kwargs):
+        if "gguf_file" in kwargs:
+            built.append(kwargs["gguf_file"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", counting)
+    text = "Hello wörld 🙂\n\tdef f(x): return x"
+    first = tokenizer_module.load_tokenizer(default_model_path)
+    [cached] = list((tmp_path / "tokenizers").iterdir())
+    second = tokenizer_module.load_tokenizer(default_model_path)
+    assert len(built) == 1  # the second came from the cache
+    assert second.encode(text) == first.encode(text)
+    messages = [{"role": "user", "content": "hi"}]
+    assert second.apply_chat_template(messages) == first.apply_chat_template(messages)
+    assert (second.eos_token_id, second.bos_token_id) == (first.eos_token_id, first.bos_token_id)
+    (cached / "tokenizer.json").write_text("{not json")  # damaged: built again
+    assert tokenizer_module.load_tokenizer(default_model_path).encode(text) == first.encode(text)
+    assert len(built) == 2
