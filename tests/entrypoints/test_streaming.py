@@ -79,10 +79,15 @@ def test_sigint_during_a_step_aborts_after_it() -> None:
 
 
 def test_sigint_handler_is_restored() -> None:
-    before = signal.getsignal(signal.SIGINT)
-    with StopOnSigint() as sigint:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert sigint.requested
-    assert signal.getsignal(signal.SIGINT) is before
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
+    # Python's own handler, whatever pytest inherited: a shell starts background jobs
+    # with SIGINT ignored, and then Python installs none.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopOnSigint() as sigint:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert sigint.requested
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
