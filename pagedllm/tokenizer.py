@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pagedllm import cpu_kernels
 from pagedllm.chat_template import check_template as check_template
 from pagedllm.chat_template import render_template, template_variables
 from pagedllm.model.loader import ModelLoadError, resolve_model_path
@@ -57,10 +58,9 @@ GEMMA_CHAT_TEMPLATE = (
 
 
 def tokenizer_cache_dir() -> Path:
-    """Where tokenizers built from GGUF files are kept: $PAGEDLLM_CACHE/tokenizers, by
-    default ~/.cache/pagedllm/tokenizers."""
-    root = os.environ.get("PAGEDLLM_CACHE") or Path.home() / ".cache" / "pagedllm"
-    return Path(root) / "tokenizers"
+    """Where tokenizers built from GGUF files are kept: beside the compiled kernels
+    (~/.cache/pagedllm/tokenizers; `$PAGEDLLM_CACHE` moves both)."""
+    return cpu_kernels.cache_dir().parent / "tokenizers"
 
 
 def _gguf_tokenizer(path: Path) -> Any:
@@ -73,7 +73,11 @@ def _gguf_tokenizer(path: Path) -> Any:
 
     stat = path.stat()
     identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
-    cached = tokenizer_cache_dir() / hashlib.sha256(identity.encode()).hexdigest()[:24]
+    try:  # 0700 and ours (KernelCacheError otherwise): nobody else's files are read back
+        root = cpu_kernels.private_dir(tokenizer_cache_dir())
+    except OSError:  # no usable cache: built every time
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    cached = root / hashlib.sha256(identity.encode()).hexdigest()[:24]
     if (cached / "tokenizer_config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
@@ -81,9 +85,8 @@ def _gguf_tokenizer(path: Path) -> Any:
             shutil.rmtree(cached, ignore_errors=True)  # damaged: build it again
     hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     partial: Path | None = None
-    try:  # best effort: a read-only home only costs the next start the build again
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(dir=cached.parent))
+    try:  # best effort: a full disk only costs the next start the build again
+        partial = Path(tempfile.mkdtemp(dir=root))
         hf.save_pretrained(str(partial))
         os.replace(partial, cached)  # whole or not at all, whoever races us
     except OSError:

@@ -65,7 +65,7 @@ def test_a_gguf_tokenizer_is_built_once_then_read_from_the_cache(
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", counting)
     text = "Hello wörld 🙂\n\tdef f(x): return x"
     first = tokenizer_module.load_tokenizer(default_model_path)
-    [cached] = list((tmp_path / "tokenizers").iterdir())
+    [cached] = list((tmp_path / "pagedllm" / "tokenizers").iterdir())
     second = tokenizer_module.load_tokenizer(default_model_path)
     assert len(built) == 1  # the second came from the cache
     assert second.encode(text) == first.encode(text)
@@ -75,3 +75,6 @@ def test_a_gguf_tokenizer_is_built_once_then_read_from_the_cache(
     (cached / "tokenizer.json").write_text("{not json")  # damaged: built again
     assert tokenizer_module.load_tokenizer(default_model_path).encode(text) == first.encode(text)
     assert len(built) == 2
+    cached.parent.chmod(0o777)  # others may write there: not read, not written
+    assert tokenizer_module.load_tokenizer(default_model_path).encode(text) == first.encode(text)
+    assert len(built) == 3
