@@ -101,6 +101,39 @@ def test_streamed_chat_concatenates_to_the_same_text(client):
     assert all(c.usage is None for c in chunks)
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_client_that_stops_at_the_first_finish_reason_gets_every_token(server, route):
+    """The finish_reason comes in a chunk of its own, with an empty delta, after the
+    last text (as OpenAI, vLLM and llama-server stream): a reader that stops at the
+    first non-null finish_reason has the whole text. Every answer carries a
+    system_fingerprint."""
+    body = {"model": MODEL, "max_tokens": 12, "temperature": 0, "n": 2}
+    body |= {"messages": CHAT} if "chat" in route else {"prompt": "The capital of France is"}
+    whole = httpx.post(server.url + route, json=body, timeout=60).json()
+    assert whole["system_fingerprint"].startswith(f"pagedllm-{pagedllm.__version__}-")
+    texts = {0: "", 1: ""}
+    ended: set[int] = set()
+    with httpx.stream("POST", server.url + route, json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert chunk["system_fingerprint"] == whole["system_fingerprint"]
+            for choice in chunk["choices"]:
+                if choice["index"] in ended:
+                    continue
+                if choice["finish_reason"] is not None:  # the reader stops reading it here
+                    ended.add(choice["index"])
+                    assert choice.get("delta", {}) == {} and choice.get("text", "") == ""
+                    continue
+                piece = choice["delta"].get("content") if "chat" in route else choice["text"]
+                texts[choice["index"]] += piece or ""
+    assert ended == {0, 1}
+    for choice in whole["choices"]:
+        expected = choice["message"]["content"] if "chat" in route else choice["text"]
+        assert texts[choice["index"]] == expected and expected
+
+
 def test_stream_include_usage_ends_with_a_usage_chunk(client):
     chunks = list(
         client.chat.completions.create(

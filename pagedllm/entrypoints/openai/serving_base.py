@@ -22,6 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
+import pagedllm
 from pagedllm.engine.async_llm import AsyncLLM, RequestDelta, RequestStream
 from pagedllm.entrypoints.openai.errors import APIError, from_exception
 from pagedllm.entrypoints.openai.protocol import SAMPLING_PARAM_NAMES
@@ -45,6 +46,8 @@ class OpenAIServing:
         self.tokenizer = llm.tokenizer
         self.model_names = list(served_model_names)
         self.max_model_len = llm.max_model_len
+        # stable for one build of one model, as vLLM's: the version and the model's file
+        self.system_fingerprint = f"pagedllm-{pagedllm.__version__}-{llm.engine.model_path.stem}"
 
     def check_model(self, name: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
@@ -166,6 +169,24 @@ async def _merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, R
     finally:
         for task in pending:
             task.cancel()
+
+
+def split_endings(
+    choices: list[dict[str, Any]], empty: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """OpenAI's stream shape: a choice's last text (and logprobs) come in one chunk and its
+    `finish_reason` in the next, with an empty delta (`empty`: the choice's content fields,
+    emptied). Clients that read text only while finish_reason is null lose nothing.
+    Returns (the choices for the content chunk, those for the endings chunk)."""
+    content, endings = [], []
+    for choice in choices:
+        if choice["finish_reason"] is None:
+            content.append(choice)
+            continue
+        endings.append({**choice, **empty})
+        if any(choice[key] != value for key, value in empty.items()):
+            content.append({**choice, "finish_reason": None, "stop_reason": None})
+    return content, endings
 
 
 def new_id(prefix: str) -> str:

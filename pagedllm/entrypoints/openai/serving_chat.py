@@ -1,7 +1,8 @@
 """`POST /v1/chat/completions`: messages rendered by the model's chat template.
 
 Streaming sends, per choice, a first chunk with the assistant role, then content
-deltas; the chunk that ends a choice carries its `finish_reason`. With
+deltas; a choice's `finish_reason` comes after its last text, in a chunk whose delta
+is empty (as OpenAI, vLLM and llama-server send it). With
 `stream_options.include_usage` every chunk has `"usage": null` and one last chunk
 with no choices carries the usage.
 """
@@ -24,6 +25,7 @@ from pagedllm.entrypoints.openai.serving_base import (
     finite,
     new_id,
     now_s,
+    split_endings,
     sse,
     sse_error,
     token_text,
@@ -72,7 +74,12 @@ class ChatServing(OpenAIServing):
         self.check_length(len(prompt_ids), params, "messages")
         request_id = new_id("chatcmpl")
         (stream,) = await self.start(request_id, [prompt_ids], params)
-        header = {"id": request_id, "created": now_s(), "model": model}
+        header = {
+            "id": request_id,
+            "created": now_s(),
+            "model": model,
+            "system_fingerprint": self.system_fingerprint,
+        }
         num = params.logprobs
         if body.stream:
             return self.sse(self._stream(body, header, len(prompt_ids), stream, num), [stream])
@@ -153,8 +160,9 @@ class ChatServing(OpenAIServing):
                             "stop_reason": c.stop_reason,
                         }
                     )
-                if choices:
-                    yield sse({**base, "choices": choices})
+                for part in split_endings(choices, {"delta": {}, "logprobs": None}):
+                    if part:
+                        yield sse({**base, "choices": part})
             if body.include_usage:
                 yield sse(
                     {**base, "choices": [], "usage": usage(num_prompt, num_completion, cached)}

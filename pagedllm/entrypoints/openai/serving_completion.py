@@ -21,6 +21,7 @@ from pagedllm.entrypoints.openai.serving_base import (
     finite,
     new_id,
     now_s,
+    split_endings,
     sse,
     sse_error,
     token_text,
@@ -60,7 +61,12 @@ class CompletionServing(OpenAIServing):
             self.check_length(len(p.token_ids), params, "prompt")
         request_id = new_id("cmpl")
         streams = await self.start(request_id, [p.token_ids for p in prompts], params)
-        header = {"id": request_id, "created": now_s(), "model": model}
+        header = {
+            "id": request_id,
+            "created": now_s(),
+            "model": model,
+            "system_fingerprint": self.system_fingerprint,
+        }
         num = body.logprobs
         if body.stream:
             return self.sse(self._stream(body, header, prompts, streams, num), streams)
@@ -174,8 +180,9 @@ class CompletionServing(OpenAIServing):
                             "stop_reason": c.stop_reason,
                         }
                     )
-                if choices:
-                    yield sse({**base, "choices": choices})
+                for part in split_endings(choices, {"text": "", "logprobs": None}):
+                    if part:
+                        yield sse({**base, "choices": part})
             if include_usage:
                 num_prompt = sum(len(p.token_ids) for p in prompts)
                 yield sse(
