@@ -119,7 +119,8 @@ class ModelRunner:
         first tokens of an n > 1 request, drawn together from its prompt's logits).
         """
         copy_blocks(self.kv_caches, output.block_copies)
-        self.release(output.preempted_req_ids)  # a preempted pooling starts over
+        for request_id in output.preempted_req_ids:  # a preempted pooling starts over
+            self._pooled.pop(request_id, None)  # (a seeded stream goes on where it was)
         scheduled = output.scheduled_requests
         if not scheduled:
             return RunnerOutput({}, {})

@@ -7,6 +7,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.core.invariants import InvariantError
+from pagedllm.core.sched_output import SchedulerOutput
 from tests.conftest import ENGLISH
 
 pytestmark = pytest.mark.slow
@@ -125,6 +126,19 @@ def test_kv_pressure_preempts_and_loses_nothing(parity_prompts, expected, llm):
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in calm]
     assert outs[0].outputs[0].token_ids == expected[0]
     assert m["num_free_kv_blocks"] == m["num_kv_blocks"] and m["num_requests_running"] == 0
+
+
+def test_preemption_keeps_a_seeded_stream_and_drops_a_partial_pooling(llm):
+    """A preempted request is recomputed later: its seeded random stream must go on
+    where it was (restarting it would replay its first draws), while an embedding's
+    partial sum over the chunks done so far is stale and starts over."""
+    runner = llm.engine.runner
+    runner._generators["x"] = torch.Generator().manual_seed(5)
+    runner._pooled["x"] = torch.zeros(4)
+    runner.execute(SchedulerOutput(preempted_req_ids=["x"]), {})
+    assert "x" in runner._generators and "x" not in runner._pooled
+    runner.release(["x"])
+    assert "x" not in runner.live_request_ids()
 
 
 def test_seeded_request_is_reproducible_anywhere(llm):
