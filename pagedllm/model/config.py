@@ -130,6 +130,14 @@ class ModelArchConfig:
         return None
 
 
+def global_every(num_layers: int, every: int) -> list[str]:
+    """`layer_types` where every `every`-th layer attends globally and the others slide
+    (Gemma's pattern, as its GGUFs and older config.json files leave it implied)."""
+    return [
+        "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(num_layers)
+    ]
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

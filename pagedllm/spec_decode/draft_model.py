@@ -27,7 +27,7 @@ from pagedllm.core.sched_output import ScheduledRequest, SchedulerOutput
 from pagedllm.model.loader import load_model
 from pagedllm.request import Request
 from pagedllm.spec_decode.backoff import Backoff
-from pagedllm.spec_decode.proposer import PENDING_DRAFT
+from pagedllm.spec_decode.proposer import PENDING_DRAFT, decodes_next
 from pagedllm.worker.kv_cache import copy_blocks
 
 
@@ -89,9 +89,7 @@ class DraftModelProposer:
     def propose(self, requests: Iterable[Request]) -> None:
         """Ask for k draft slots on every request that decodes next step."""
         for request in requests:
-            if request.num_computed_tokens != request.num_tokens - 1 or request.is_finished:
-                continue  # mid-prefill (or preempted)
-            if self.backoff.ready(request.request_id):
+            if decodes_next(request) and self.backoff.ready(request.request_id):
                 request.spec_token_ids = [PENDING_DRAFT] * self.k
 
     @torch.inference_mode()

@@ -13,6 +13,7 @@ from pagedllm.config import SpeculativeConfig
 from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.request import Request
 from pagedllm.spec_decode.backoff import Backoff
+from pagedllm.spec_decode.proposer import decodes_next
 
 
 class NgramProposer:
@@ -29,11 +30,8 @@ class NgramProposer:
     def propose(self, requests: Iterable[Request]) -> None:
         """Set `spec_token_ids` on every request that decodes next step and has a match."""
         for request in requests:
-            tokens = request.all_token_ids
-            if request.num_computed_tokens != len(tokens) - 1 or request.is_finished:
-                continue  # mid-prefill (or preempted): nothing to draft after
-            if self.backoff.ready(request.request_id):
-                request.spec_token_ids = self.lookup(tokens)
+            if decodes_next(request) and self.backoff.ready(request.request_id):
+                request.spec_token_ids = self.lookup(request.all_token_ids)
 
     def lookup(self, tokens: list[int]) -> list[int]:
         """The continuation of the latest earlier occurrence of the longest suffix

@@ -14,6 +14,17 @@ from pagedllm.request import Request
 PENDING_DRAFT = -1
 
 
+def decodes_next(request: Request) -> bool:
+    """Whether the request's next step computes its last token and samples after it: the
+    only steps drafts can follow (not mid-prefill, not preempted, not an embedding,
+    which samples nothing)."""
+    return (
+        request.num_computed_tokens == request.num_tokens - 1
+        and not request.is_finished
+        and request.pooling is None
+    )
+
+
 class Proposer(Protocol):
     def propose(self, requests: Iterable[Request]) -> None:
         """Between steps: set `spec_token_ids` on decoding requests, as tokens or as

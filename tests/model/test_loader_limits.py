@@ -16,7 +16,7 @@ from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.rotary import rope_frequencies
 from pagedllm.model.loader import ModelLoadError, load_model, read_model_config
 from pagedllm.model.loader import gguf as gguf_loader
-from pagedllm.model.models.llama import LlamaForCausalLM
+from pagedllm.model.models.llama import LlamaForCausalLM, build_rotary
 from tests.model.test_rotary import SCALINGS as ROTARY_SCALINGS
 from tests.model.tiny_gguf import write_tiny_gguf
 
@@ -75,7 +75,8 @@ def test_scaled_rotary_angles_are_the_table_transformers_would_build(scaling):
     """The per-step angles equal a precomputed table's rows bit for bit, scaled as the
     config's own context length says."""
     model = meta_model(rope_scaling=scaling, max_position_embeddings=HUGE_CONTEXT)
-    rotary = model._build_rotary(None, "m.gguf")
+    c = model.config
+    rotary = build_rotary(c, c.rope_theta, c.rope_scaling, "m.gguf")
     inv_freq, attention_scale = rope_frequencies(16, 10000.0, scaling, HUGE_CONTEXT)
     angles = torch.outer(torch.arange(48, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
@@ -90,7 +91,7 @@ def test_scaled_rotary_angles_are_the_table_transformers_would_build(scaling):
 def test_bad_rope_factor_is_a_load_error():
     model = meta_model(rope_scaling={"rope_type": "linear", "factor": 0})
     with pytest.raises(ModelLoadError, match=r"m\.gguf: bad rope scaling .*factor 0\.0"):
-        model._build_rotary(None, "m.gguf")
+        build_rotary(model.config, 10000.0, model.config.rope_scaling, "m.gguf")
 
 
 # ------------------------------------------------------------------- GGUF alignment

@@ -59,6 +59,15 @@ def test_only_decoding_requests_get_drafts_and_misses_back_off():
     assert not p.live_request_ids()
 
 
+def test_an_embedding_request_gets_no_drafts():
+    """It samples nothing, so nothing can verify drafts after its last prompt token."""
+    request = make_request("e", [1, 2, 3, 1, 2], 10)
+    request.pooling = "mean"
+    request.num_computed_tokens = 4
+    proposer(k=2).propose([request])
+    assert request.spec_token_ids == []
+
+
 def test_stats_count_acceptance_per_position():
     stats = SpecDecodeStats()
     stats.observe(3, 2)

@@ -18,7 +18,13 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
 
-from pagedllm.model.config import MAX_CONTEXT, MAX_VOCAB, MAX_WIDTH, ModelArchConfig
+from pagedllm.model.config import (
+    MAX_CONTEXT,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    ModelArchConfig,
+    global_every,
+)
 from pagedllm.model.layers.quantized import QUANT_TYPES, QuantizedWeight
 from pagedllm.model.loader.errors import ModelLoadError
 from pagedllm.model.loader.gguf_header import check_gguf_header
@@ -196,10 +202,7 @@ GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 def _gemma3_attention(config: ModelArchConfig, meta: _Metadata, a: str) -> None:
     config.sliding_window = meta.integer(a + "attention.sliding_window", 512, high=MAX_CONTEXT)
-    config.layer_types = [
-        "full_attention" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
-        for i in range(config.num_layers)
-    ]
+    config.layer_types = global_every(config.num_layers, GEMMA3_GLOBAL_EVERY)
     config.rope_local_theta = GEMMA3_LOCAL_ROPE_THETA
     if config.num_layers == 62:
         config.query_pre_attn_scalar = config.hidden_size / config.num_heads

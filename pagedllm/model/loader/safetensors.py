@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pagedllm.model.config import ModelArchConfig
+from pagedllm.model.config import ModelArchConfig, global_every
 from pagedllm.model.loader.errors import ModelLoadError
 
 # config.json "model_type" → our architecture names (as GGUF spells them)
@@ -120,10 +120,9 @@ def _sliding_window(config: ModelArchConfig, fields: _Fields) -> None:
     types = raw.get("layer_types")
     if types is None and config.architecture == "gemma3":
         every = fields.integer("sliding_window_pattern", 6)
-        types = [
-            "full_attention" if (i + 1) % every == 0 else "sliding_attention"
-            for i in range(config.num_layers)
-        ]
+        if every < 1:
+            raise ModelLoadError(fields.path, f"sliding_window_pattern = {every} is not positive")
+        types = global_every(config.num_layers, every)
     if types is not None and not (
         isinstance(types, list) and all(isinstance(t, str) for t in types)
     ):

@@ -22,11 +22,11 @@ from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.activation import gelu_tanh_and_mul
 from pagedllm.model.layers.linear import Embedding, Linear, WeightPart
 from pagedllm.model.layers.rms_norm import RMSNorm
-from pagedllm.model.layers.rotary import RotaryEmbedding, rope_frequencies
-from pagedllm.model.loader.errors import ModelLoadError
+from pagedllm.model.layers.rotary import RotaryEmbedding
 from pagedllm.model.models.llama import (
     LlamaAttention,
     LlamaMLP,
+    build_rotary,
     check_shapes,
     projection_shapes,
 )
@@ -127,8 +127,9 @@ class Gemma3ForCausalLM(nn.Module):
         exact_matmul: bool = False,
     ) -> None:
         check_shapes(self.expected_shapes(), {k: tuple(v.shape) for k, v in tensors.items()}, path)
-        # GGUF norms are the multiplier already (llama.cpp's converter adds the 1)
-        add_one = not str(path).endswith(".gguf")
+        # GGUF norms are the multiplier already (llama.cpp's converter adds the 1); the
+        # loader reads a file as GGUF and a folder as Hugging Face safetensors
+        add_one = not Path(path).is_file()
 
         def norm(module: RMSNorm, name: str) -> None:
             value = tensors[name]
@@ -154,18 +155,7 @@ class Gemma3ForCausalLM(nn.Module):
             linear(layer.mlp.down_proj, [mlp + "down_proj.weight"])
             for name in _NORMS:
                 norm(layer.get_submodule(name), f"{p}{name}.weight")
-        self.rotary_global = self._rotary(self.config.rope_theta, self.config.rope_scaling, path)
-        local_theta = self.config.rope_local_theta or self.config.rope_theta
-        self.rotary_local = self._rotary(local_theta, None, path)
-        self.rotary_global.to(device)
-        self.rotary_local.to(device)
-
-    def _rotary(self, theta: float, scaling: dict | None, path: str | Path) -> RotaryEmbedding:
         c = self.config
-        try:
-            inv_freq, attention_scaling = rope_frequencies(
-                c.head_dim, theta, scaling, c.max_position_embeddings
-            )
-        except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
-            raise ModelLoadError(path, f"bad rope scaling {scaling!r}: {e}") from e
-        return RotaryEmbedding(c.head_dim, inv_freq, attention_scaling)
+        self.rotary_global = build_rotary(c, c.rope_theta, c.rope_scaling, path).to(device)
+        local_theta = c.rope_local_theta or c.rope_theta
+        self.rotary_local = build_rotary(c, local_theta, None, path).to(device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +64,29 @@ def projection_shapes(c: ModelArchConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def build_rotary(
+    c: ModelArchConfig,
+    theta: float,
+    scaling: dict[str, Any] | None,
+    path: str | Path,
+    rope_freqs: torch.Tensor | None = None,
+) -> RotaryEmbedding:
+    """Rotary frequencies of base `theta` with `scaling` (and llama.cpp's per-frequency
+    divisors `rope_freqs`, where a file stores Llama-3 scaling that way); a bad scaling is
+    a ModelLoadError naming the file."""
+    try:
+        inv_freq, attention_scaling = rope_frequencies(
+            c.head_dim, theta, scaling, c.max_position_embeddings
+        )
+    except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
+        raise ModelLoadError(path, f"bad rope scaling {scaling!r}: {e}") from e
+    if rope_freqs is not None:
+        if rope_freqs.numel() != inv_freq.numel():
+            raise ModelLoadError(path, f"rope_freqs has {rope_freqs.numel()} entries")
+        inv_freq = inv_freq / rope_freqs.float().flatten()
+    return RotaryEmbedding(c.head_dim, inv_freq, attention_scaling)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelArchConfig) -> None:
         super().__init__()
@@ -89,16 +113,13 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         tokens, heads = qkv.shape[0], self.num_heads + self.num_kv_heads
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rotary(self.q_norm(q.reshape(tokens, self.num_heads, -1)), *cos_sin)
-            k = apply_rotary(self.k_norm(k.reshape(tokens, self.num_kv_heads, -1)), *cos_sin)
-            v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
-            out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-            return self.o_proj(out.reshape(-1, self.q_size))
-        # Q and K sit side by side in the fused output: rotate them in one go.
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(tokens, heads, -1), *cos_sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        qk = qkv[:, : self.q_size + self.kv_size].view(tokens, heads, -1)
+        if self.q_norm is not None and self.k_norm is not None:  # each head normed first
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            q = apply_rotary(self.q_norm(q), *cos_sin)
+            k = apply_rotary(self.k_norm(k), *cos_sin)
+        else:  # Q and K sit side by side in the fused output: rotate them in one go
+            q, k = apply_rotary(qk, *cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -335,25 +356,10 @@ class LlamaForCausalLM(nn.Module):
                 layer.self_attn.q_norm.weight = dense(attn + "q_norm.weight")
                 layer.self_attn.k_norm.weight = dense(attn + "k_norm.weight")
         rope_freqs = tensors.get("rope_freqs")
-        self.rotary = self._build_rotary(rope_freqs, path).to(device)  # type: ignore[arg-type]
+        c = self.config
+        self.rotary = build_rotary(c, c.rope_theta, c.rope_scaling, path, rope_freqs).to(device)  # type: ignore[arg-type]
         self.fused_decode = dtype == torch.float32 and all(
             layer.can_fuse_decode() for layer in self.layers
         )
         for layer in self.layers if self.fused_decode else ():
             layer.gather_decode_parts()
-
-    def _build_rotary(self, rope_freqs: torch.Tensor | None, path: str | Path) -> RotaryEmbedding:
-        """The rotary frequencies, with the scaling the config (or the file's rope_freqs)
-        asks for."""
-        c = self.config
-        try:
-            inv_freq, scaling = rope_frequencies(
-                c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings
-            )
-        except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
-            raise ModelLoadError(path, f"bad rope scaling {c.rope_scaling!r}: {e}") from e
-        if rope_freqs is not None:  # llama.cpp stores Llama-3 scaling as per-frequency divisors
-            if rope_freqs.numel() != inv_freq.numel():
-                raise ModelLoadError(path, f"rope_freqs has {rope_freqs.numel()} entries")
-            inv_freq = inv_freq / rope_freqs.float().flatten()
-        return RotaryEmbedding(c.head_dim, inv_freq, scaling)
