@@ -59,6 +59,8 @@ class KVCache:
         # a sliding-window layer's span: its queries see only the last `sliding_window`
         # positions (set by whoever allocates the layer's cache; None: every position)
         self.sliding_window: int | None = None
+        # the layer group whose block tables reach this cache (AttentionMetadata.for_group)
+        self.group = 0
         self._init_scales()
 
     def _init_scales(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,13 @@ class AttentionMetadata:
     # The decode sequences' block tables and lengths, gathered once per step (not per layer).
     decode_block_tables: torch.Tensor  # [Bd, max_blocks] int64
     decode_seq_lens: torch.Tensor  # [Bd] int64
+    # With more than one KV-cache layer group: groups 1.. as metadata of their own (the
+    # same batch through their block tables); this object is group 0's.
+    groups: list[AttentionMetadata] = field(default_factory=list)
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        """The metadata a layer of KV-cache group `group` attends through."""
+        return self if group == 0 else self.groups[group - 1]
 
     @property
     def decode_only(self) -> bool:
@@ -42,6 +49,24 @@ class AttentionMetadata:
     @property
     def num_tokens(self) -> int:
         return int(self.query_start_loc[-1])
+
+    @classmethod
+    def build_grouped(
+        cls,
+        seq_lens: Sequence[int],
+        query_lens: Sequence[int],
+        group_block_tables: Sequence[Sequence[Sequence[int]]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata for layer groups: `group_block_tables[g]` is group g's per-sequence
+        tables; the result is group 0's, carrying the others in `groups`."""
+        first, *rest = (
+            cls.build(seq_lens, query_lens, tables, block_size, device)
+            for tables in group_block_tables
+        )
+        first.groups = rest
+        return first
 
     @classmethod
     def build(

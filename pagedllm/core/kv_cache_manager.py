@@ -87,26 +87,66 @@ class KVCacheStats:
         return self.num_token_slots_used / allocated if allocated else 1.0
 
 
+NULL_BLOCK_ID = 0  # what a sliding table holds where its window has left: never read
+
+
+def _group_key(block_hash: BlockHash, group: int) -> BlockHash:
+    """The prefix-cache key of a block of ``group``: equal tokens in two groups are
+    different KV (different layers), so each group caches under its own key."""
+    return block_hash if group == 0 else block_hash + group.to_bytes(2, "little")
+
+
+@dataclass(slots=True)
+class _Table:
+    """One sequence's block table in one layer group."""
+
+    blocks: list[KVCacheBlock | None] = field(default_factory=list)  # None: dropped
+    block_ids: list[int] = field(default_factory=list)  # kept in step with ``blocks``
+    num_cached_blocks: int = 0  # leading blocks already offered to the prefix cache
+    num_dropped: int = 0  # leading blocks a sliding window has left (None, NULL_BLOCK_ID)
+
+
 @dataclass(slots=True)
 class _SeqBlocks:
-    """What the manager knows about one sequence."""
+    """What the manager knows about one sequence: a table per group, one hash chain."""
 
-    blocks: list[KVCacheBlock] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)  # kept in step with ``blocks``
+    tables: list[_Table]
     block_hashes: list[BlockHash] = field(default_factory=list)  # of its full blocks
-    num_cached_blocks: int = 0  # leading blocks already offered to the prefix cache
-    num_tokens: int = 0  # token positions the table has slots for
+    num_tokens: int = 0  # token positions the tables have slots for
     counted: bool = False  # prefix-cache query recorded for this admission
+    # every group's prefix hit from get_computed_blocks, for its first allocate_slots
+    hit: list[list[KVCacheBlock | None]] | None = None
 
 
 class KVCacheManager:
-    """Owns every sequence's block table and the pool behind them."""
+    """Owns every sequence's block tables (one per layer group) and the pool behind them.
 
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = True) -> None:
+    ``sliding_windows`` has one entry per layer group (core/kv_cache_groups.py): None
+    for full attention, else the group's window. A sliding group's blocks that no later
+    query can see are freed (to the prefix cache, when on) as the sequence moves on.
+    ``max_step_tokens`` (the step's token budget) bounds how many blocks a sliding group
+    holds at once; without it the bound is the whole sequence.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 16,
+        enable_caching: bool = True,
+        sliding_windows: Sequence[int | None] = (None,),
+        max_step_tokens: int | None = None,
+    ) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if not sliding_windows:
+            raise ValueError("sliding_windows needs one entry per layer group")
+        for window in sliding_windows:
+            if window is not None and (not isinstance(window, int) or window < 1):
+                raise ValueError(f"a sliding window must be a positive integer, got {window!r}")
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.sliding_windows = list(sliding_windows)
+        self.max_step_tokens = max_step_tokens
         self.block_pool = BlockPool(num_blocks, enable_caching)
         self._seqs: dict[str, _SeqBlocks] = {}
         self._pending_copies: list[tuple[int, int]] = []
@@ -117,6 +157,10 @@ class KVCacheManager:
     def num_blocks(self) -> int:
         return self.block_pool.num_blocks
 
+    @property
+    def num_groups(self) -> int:
+        return len(self.sliding_windows)
+
     def get_num_free_blocks(self) -> int:
         return self.block_pool.get_num_free_blocks()
 
@@ -125,19 +169,45 @@ class KVCacheManager:
         return self.block_pool.get_usage()
 
     def num_blocks_for(self, num_tokens: int) -> int:
-        """Blocks needed to hold ``num_tokens`` tokens."""
+        """Blocks needed to hold ``num_tokens`` tokens (in one group's table)."""
         return -(-num_tokens // self.block_size)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """The most blocks, all groups together, a sequence of ``num_tokens`` holds at once."""
+        full = self.num_blocks_for(num_tokens)
+        total = 0
+        for window in self.sliding_windows:
+            if window is None or self.max_step_tokens is None:
+                total += full
+            else:
+                # a step's first query sees window - 1 keys before it; its chunk spans
+                # max_step_tokens more; either end may straddle a block
+                span = (window + self.max_step_tokens - 2) // self.block_size + 2
+                total += min(full, span)
+        return total
+
+    def max_sequence_tokens(self, limit: int) -> int:
+        """The longest sequence, of at most ``limit`` tokens, the whole pool can hold."""
+        low, high = 0, limit
+        while low < high:  # the largest n with blocks_needed(n) <= num_blocks
+            mid = (low + high + 1) // 2
+            if self.blocks_needed(mid) <= self.num_blocks:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
     # ------------------------------------------------------------------ lookup
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
-        """The longest run of cached full blocks matching the start of the request.
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock | None], int]:
+        """The longest cached prefix of the request that every group can resume from.
 
-        Returns the blocks (not yet referenced: pass them to ``allocate_slots``) and
-        the number of tokens they cover. The last token is never taken from the
-        cache, because its forward pass produces the logits the next token is
-        sampled from. A request asking for prompt logprobs, or pooling every prompt
-        position's state, needs every prompt position computed, so it skips the cache.
+        Returns group 0's blocks for it (a sliding group 0 has None where its window
+        has left) and its length in tokens; the other groups' blocks are kept for the
+        request's first ``allocate_slots``. A full-attention group needs every block of
+        the prefix cached; a sliding group only those its next query can see. At least
+        one prompt token is always left to compute (its logits are needed). Requests
+        wanting prompt logprobs or every prompt state compute their whole prompt.
         """
         if (
             not self.enable_caching
@@ -145,17 +215,48 @@ class KVCacheManager:
             or request.needs_every_prompt_state
         ):
             return [], 0
-        seq = self._seqs.get(request.request_id)
-        if seq is None:
-            seq = self._seqs[request.request_id] = _SeqBlocks()
+        seq = self._seq(request.request_id)
         hashes = self._block_hashes(request, seq, (request.num_tokens - 1) // self.block_size)
-        blocks = []
-        for block_hash in hashes:
-            block = self.block_pool.get_cached_block(block_hash)
-            if block is None:
-                break
-            blocks.append(block)
-        return blocks, len(blocks) * self.block_size
+        lookup = self.block_pool.get_cached_block
+        cached = [[lookup(_group_key(h, g)) for h in hashes] for g in range(self.num_groups)]
+        num_hit = len(hashes)
+        for g, window in enumerate(self.sliding_windows):
+            if window is None:
+                num_hit = next((i for i, b in enumerate(cached[g][:num_hit]) if b is None), num_hit)
+        changed = True
+        while changed:  # a shorter hit may need a sliding group's earlier blocks: repeat
+            changed = False
+            for g, window in enumerate(self.sliding_windows):
+                if window is not None:
+                    shorter = self._sliding_hit(cached[g], window, num_hit)
+                    changed |= shorter != num_hit
+                    num_hit = shorter
+        seq.hit = [
+            cached[g][:num_hit]
+            if window is None
+            else [None] * self._first_visible(window, num_hit * self.block_size)
+            + cached[g][self._first_visible(window, num_hit * self.block_size) : num_hit]
+            for g, window in enumerate(self.sliding_windows)
+        ]
+        return seq.hit[0], num_hit * self.block_size
+
+    def _first_visible(self, window: int, position: int) -> int:
+        """The first block a query at ``position`` (or later) sees through ``window``."""
+        return max(0, position - window + 1) // self.block_size
+
+    def _sliding_hit(self, cached: list[KVCacheBlock | None], window: int, limit: int) -> int:
+        """The longest hit of at most ``limit`` blocks whose window is cached in a group."""
+        for num_hit in range(limit, 0, -1):
+            first = self._first_visible(window, num_hit * self.block_size)
+            if all(b is not None for b in cached[first:num_hit]):
+                return num_hit
+        return 0
+
+    def _seq(self, request_id: str) -> _SeqBlocks:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            seq = self._seqs[request_id] = _SeqBlocks([_Table() for _ in self.sliding_windows])
+        return seq
 
     def _block_hashes(self, request: Request, seq: _SeqBlocks, num_blocks: int) -> list[BlockHash]:
         """The first ``num_blocks`` full-block hashes of the request, computed once."""
@@ -176,79 +277,135 @@ class KVCacheManager:
         self,
         request: Request,
         num_new_tokens: int,
-        new_computed_blocks: Sequence[KVCacheBlock] = (),
+        new_computed_blocks: Sequence[KVCacheBlock | None] = (),
         num_new_computed_tokens: int = 0,
     ) -> list[int] | None:
         """Give the request slots for ``num_new_tokens`` more tokens, all or nothing.
 
         The tokens go after ``request.num_computed_tokens`` plus the prefix hit
-        (``new_computed_blocks``, only on a sequence's first allocation). If the
-        block about to be written is shared with another sequence, it is copied
-        first and the copy is queued for ``take_pending_copies``. Returns the ids of
-        the blocks appended to the table (a new sequence: the whole table), or None
-        with nothing changed when the pool has too few free blocks.
+        (``new_computed_blocks``, from ``get_computed_blocks``, only on a sequence's first
+        allocation). If the block about to be written is shared with another sequence,
+        it is copied first and the copy is queued for ``take_pending_copies``. A sliding
+        group first frees the blocks its window has left. Returns the ids of the blocks
+        appended to group 0's table (a new sequence: the whole table), or None when the
+        pool has too few free blocks, with nothing changed but blocks no query can see.
         """
-        seq = self._seqs.get(request.request_id)
-        if seq is None:
-            seq = self._seqs[request.request_id] = _SeqBlocks()
-        blocks = seq.blocks
+        seq = self._seq(request.request_id)
+        tables = seq.tables
         size = self.block_size
         num_computed = request.num_computed_tokens + num_new_computed_tokens
         num_total = num_computed + num_new_tokens
+        if len(tables) > 1 or self.sliding_windows[0] is not None:
+            self._drop_out_of_window(tables, num_computed)
         if not new_computed_blocks:
             # Fast path, every decode step but one in block_size: the tokens land in
-            # the last block, which this sequence holds alone.
-            num_blocks = len(blocks)
+            # each table's last block, which this sequence holds alone.
+            num_blocks = len(tables[0].blocks)
             if num_total <= num_blocks * size and (
                 num_new_tokens == 0
-                or (num_computed // size == num_blocks - 1 and blocks[-1].ref_cnt == 1)
+                or (
+                    num_computed // size == num_blocks - 1
+                    and all(t.blocks[-1].ref_cnt == 1 for t in tables)  # type: ignore[union-attr]
+                )
             ):
                 if num_total > seq.num_tokens:
                     seq.num_tokens = num_total
                 return []
-        elif blocks:
+            hits: list[Sequence[KVCacheBlock | None]] = [()] * len(tables)
+        elif tables[0].blocks:
             raise ValueError(
                 f"request {request.request_id!r} already has blocks; prefix hits apply only "
                 "to its first allocation"
             )
-        num_new_blocks = max(0, -(-num_total // size) - len(blocks) - len(new_computed_blocks))
+        elif len(tables) == 1:
+            hits = [new_computed_blocks]
+        else:
+            if seq.hit is None or list(seq.hit[0]) != list(new_computed_blocks):
+                raise ValueError(
+                    f"request {request.request_id!r}: a prefix hit must come from "
+                    "get_computed_blocks"
+                )
+            hits = seq.hit
+        num_table_blocks = -(-num_total // size)
+        num_new_blocks = [
+            max(0, num_table_blocks - len(t.blocks) - len(hit))
+            for t, hit in zip(tables, hits, strict=True)
+        ]
 
         # Shared blocks this step writes into must be copied first.
-        cow = []
+        cow: list[tuple[_Table, int]] = []
         if num_new_tokens > 0:
-            for i in range(num_computed // size, min(len(blocks), -(-num_total // size))):
-                if blocks[i].ref_cnt > 1:
-                    cow.append(i)
+            for t in tables:
+                for i in range(num_computed // size, min(len(t.blocks), num_table_blocks)):
+                    block = t.blocks[i]
+                    if block is not None and block.ref_cnt > 1:
+                        cow.append((t, i))
         # A prefix hit on a free cached block takes it out of the free queue too.
-        num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
-        if num_new_blocks + len(cow) + num_evictable_hits > self.block_pool.get_num_free_blocks():
+        num_evictable_hits = sum(1 for hit in hits for b in hit if b is not None and b.ref_cnt == 0)
+        pool = self.block_pool
+        if sum(num_new_blocks) + len(cow) + num_evictable_hits > pool.get_num_free_blocks():
             return None
 
         if not seq.counted and self.enable_caching:
             seq.counted = True
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += num_new_computed_tokens
-        pool = self.block_pool
+        seq.hit = None
         new_ids: list[int] = []
-        if new_computed_blocks:
-            pool.touch(new_computed_blocks)
-            blocks.extend(new_computed_blocks)
-            new_ids.extend(b.block_id for b in new_computed_blocks)
-            seq.num_cached_blocks = len(new_computed_blocks)
-        for i in cow:
-            src = blocks[i]
+        # Every group's hits leave the free queue before any fresh block is taken from
+        # it: a fresh block must never be one another group is about to reuse.
+        pool.touch([b for hit in hits for b in hit if b is not None])
+        for g, (t, hit) in enumerate(zip(tables, hits, strict=True)):
+            ids: list[int] = []
+            if hit:
+                t.blocks.extend(hit)
+                ids.extend(NULL_BLOCK_ID if b is None else b.block_id for b in hit)
+                t.num_cached_blocks = len(hit)
+                t.num_dropped = next((i for i, b in enumerate(hit) if b is not None), len(hit))
+            if num_new_blocks[g]:
+                fresh = pool.get_new_blocks(num_new_blocks[g])
+                t.blocks.extend(fresh)
+                ids.extend(b.block_id for b in fresh)
+            t.block_ids.extend(ids)
+            if g == 0:
+                new_ids = ids
+        for t, i in cow:
+            src = t.blocks[i]
+            assert src is not None
             (dst,) = pool.get_new_blocks(1)
-            blocks[i] = dst
-            seq.block_ids[i] = dst.block_id
+            t.blocks[i] = dst
+            t.block_ids[i] = dst.block_id
             pool.free_blocks([src])  # still referenced by the other holders
             self._pending_copies.append((src.block_id, dst.block_id))
-        if num_new_blocks:
-            fresh = pool.get_new_blocks(num_new_blocks)
-            blocks.extend(fresh)
-            new_ids.extend(b.block_id for b in fresh)
-        seq.block_ids.extend(new_ids)
         seq.num_tokens = max(seq.num_tokens, num_total)
         return new_ids
+
+    def _drop_out_of_window(self, tables: list[_Table], num_computed: int) -> None:
+        """Free each sliding table's blocks that no query from ``num_computed`` on sees.
+
+        They go back to the pool in table order (oldest first evicted); a cached one
+        stays findable by its hash until it is handed out again.
+        """
+        for t, window in zip(tables, self.sliding_windows, strict=True):
+            if window is None:
+                continue
+            first = min(self._first_visible(window, num_computed), len(t.blocks))
+            if first <= t.num_dropped:
+                continue
+            dropped = [b for b in t.blocks[t.num_dropped : first] if b is not None]
+            for i in range(t.num_dropped, first):
+                t.blocks[i] = None
+                t.block_ids[i] = NULL_BLOCK_ID
+            t.num_dropped = first
+            self._release(dropped)
+
+    def _release(self, blocks: list[KVCacheBlock]) -> None:
+        """Drop one reference from each block, forgetting copies into blocks now free."""
+        self.block_pool.free_blocks(blocks)
+        if self._pending_copies:
+            gone = {b.block_id for b in blocks if b.ref_cnt == 0}
+            if gone:
+                self._pending_copies = [c for c in self._pending_copies if c[1] not in gone]
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Offer the request's blocks that are now full of computed KV to the cache.
@@ -261,14 +418,17 @@ class KVCacheManager:
         seq = self._seqs.get(request.request_id)
         if seq is None:
             return
-        num_full = min(num_computed_tokens // self.block_size, len(seq.blocks))
-        if num_full <= seq.num_cached_blocks:
+        num_full = min(num_computed_tokens // self.block_size, len(seq.tables[0].blocks))
+        if num_full <= seq.tables[0].num_cached_blocks:
             return
         hashes = self._block_hashes(request, seq, num_full)
         cache = self.block_pool.cache_full_block
-        for i in range(seq.num_cached_blocks, num_full):
-            cache(seq.blocks[i], hashes[i])
-        seq.num_cached_blocks = num_full
+        for g, t in enumerate(seq.tables):
+            for i in range(t.num_cached_blocks, num_full):
+                block = t.blocks[i]
+                if block is not None:
+                    cache(block, _group_key(hashes[i], g))
+            t.num_cached_blocks = num_full
 
     def rollback(self, request_id: str, num_tokens: int) -> None:
         """Shrink a sequence to its first ``num_tokens`` slots: what speculation keeps once
@@ -279,11 +439,12 @@ class KVCacheManager:
         if seq is None or num_tokens >= seq.num_tokens:
             return
         keep = self.num_blocks_for(num_tokens)
-        require(keep >= seq.num_cached_blocks, f"{request_id!r}: rollback into cached blocks")
-        dropped = seq.blocks[keep:]
-        del seq.blocks[keep:], seq.block_ids[keep:]
+        for t in seq.tables:
+            require(keep >= t.num_cached_blocks, f"{request_id!r}: rollback into cached blocks")
+            dropped = [b for b in reversed(t.blocks[keep:]) if b is not None]
+            del t.blocks[keep:], t.block_ids[keep:]
+            self.block_pool.free_blocks(dropped)
         seq.num_tokens = num_tokens
-        self.block_pool.free_blocks(reversed(dropped))
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Copy-on-write copies (source, destination) to perform before the next step.
@@ -297,24 +458,32 @@ class KVCacheManager:
     # ------------------------------------------------------------ fork and free
 
     def fork(self, parent_request_id: str, child_request_id: str) -> None:
-        """Give the child the parent's whole block table, sharing every block.
+        """Give the child the parent's whole block tables, sharing every block.
 
         Nothing is copied now: the first write into a shared, partly filled block
         copies it then (``allocate_slots``). The child must have the parent's tokens
         up to the parent's computed tokens at least.
         """
         parent = self._seqs.get(parent_request_id)
-        if parent is None or not parent.blocks:
+        if parent is None or not parent.tables[0].blocks:
             raise ValueError(f"cannot fork {parent_request_id!r}: it holds no blocks")
         if child_request_id in self._seqs:
             raise ValueError(f"cannot fork into {child_request_id!r}: that id already exists")
-        self.block_pool.touch(parent.blocks)
         num_full = parent.num_tokens // self.block_size
+        tables = []
+        for t in parent.tables:
+            self.block_pool.touch([b for b in t.blocks if b is not None])
+            tables.append(
+                _Table(
+                    blocks=list(t.blocks),
+                    block_ids=list(t.block_ids),
+                    num_cached_blocks=min(t.num_cached_blocks, num_full),
+                    num_dropped=t.num_dropped,
+                )
+            )
         self._seqs[child_request_id] = _SeqBlocks(
-            blocks=list(parent.blocks),
-            block_ids=list(parent.block_ids),
+            tables=tables,
             block_hashes=parent.block_hashes[:num_full],
-            num_cached_blocks=min(parent.num_cached_blocks, num_full),
             num_tokens=parent.num_tokens,
             counted=True,
         )
@@ -326,31 +495,40 @@ class KVCacheManager:
         blocks are the ones other requests are likeliest to share.
         """
         seq = self._seqs.pop(request_id, None)
-        if seq is None or not seq.blocks:
+        if seq is None:
             return
-        self.block_pool.free_blocks(reversed(seq.blocks))
-        if self._pending_copies:
-            # A copy into a block this request just gave up is no longer wanted.
-            gone = {b.block_id for b in seq.blocks if b.ref_cnt == 0}
-            self._pending_copies = [c for c in self._pending_copies if c[1] not in gone]
+        for t in seq.tables:
+            self._release([b for b in reversed(t.blocks) if b is not None])
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        """The request's block table (a copy), empty if it holds no blocks."""
+        """The request's group-0 block table (a copy), empty if it holds no blocks."""
         seq = self._seqs.get(request_id)
-        return [] if seq is None else list(seq.block_ids)
+        return [] if seq is None else list(seq.tables[0].block_ids)
 
     def get_block_table(self, request_id: str) -> list[int]:
-        """The request's block table itself, without a copy: read it, never change it.
+        """The request's group-0 block table itself, without a copy: read it, never
+        change it.
 
         It changes when the request is next given slots or freed; the scheduler
         hands these out once per step, where copying 256 tables would cost more
         than the rest of the step.
         """
-        return self._seqs[request_id].block_ids
+        return self._seqs[request_id].tables[0].block_ids
+
+    def get_group_block_tables(self, request_id: str) -> list[list[int]]:
+        """Every group's block table, group 0 first, without copies (as ``get_block_table``)."""
+        return [t.block_ids for t in self._seqs[request_id].tables]
+
+    def num_held_blocks(self, request_id: str) -> int:
+        """Blocks the request's tables reference, all groups together."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return 0
+        return sum(1 for t in seq.tables for b in t.blocks if b is not None)
 
     def holds_blocks(self, request_id: str) -> bool:
         seq = self._seqs.get(request_id)
-        return seq is not None and bool(seq.blocks)
+        return seq is not None and bool(seq.tables[0].blocks)
 
     # ---------------------------------------------------------------- checking
 
@@ -359,10 +537,13 @@ class KVCacheManager:
         size = self.block_size
         filled: dict[int, int] = {}
         for seq in self._seqs.values():
-            for i, block in enumerate(seq.blocks):
-                n = min(size, seq.num_tokens - i * size)
-                if n > filled.get(block.block_id, 0):
-                    filled[block.block_id] = n
+            for t in seq.tables:
+                for i, block in enumerate(t.blocks):
+                    if block is None:
+                        continue
+                    n = min(size, seq.num_tokens - i * size)
+                    if n > filled.get(block.block_id, 0):
+                        filled[block.block_id] = n
         num_used = self.block_pool.num_blocks - self.block_pool.get_num_free_blocks()
         slots_used = sum(filled.values())
         return KVCacheStats(
@@ -378,17 +559,18 @@ class KVCacheManager:
     def slot_usage(self) -> tuple[int, int]:
         """(slots holding tokens, slots in blocks in use): ``stats()``'s numbers, but cheap.
 
-        Benchmarks sample it every step. All but a sequence's last block are full,
-        so only distinct partly filled last blocks waste slots: O(sequences), not
+        Benchmarks sample it every step. All but a table's last block are full,
+        so only distinct partly filled last blocks waste slots: O(tables), not
         O(blocks).
         """
         size = self.block_size
         gaps: dict[int, int] = {}
         for seq in self._seqs.values():
-            gap = len(seq.blocks) * size - seq.num_tokens
-            if gap:
-                block_id = seq.block_ids[-1]
-                gaps[block_id] = min(gap, gaps.get(block_id, size))
+            for t in seq.tables:
+                gap = len(t.blocks) * size - seq.num_tokens
+                if gap:
+                    block_id = t.block_ids[-1]
+                    gaps[block_id] = min(gap, gaps.get(block_id, size))
         pool = self.block_pool
         allocated = (pool.num_blocks - pool.get_num_free_blocks()) * size
         return allocated - sum(gaps.values()), allocated
@@ -402,9 +584,10 @@ class KVCacheManager:
 
         Every block's ref count must equal the number of block tables holding it;
         each table must hold blocks only where its tokens are (so at most its last
-        block is partly filled); with nothing alive, every block must be free. With
-        ``requests`` given, also recompute every sequence's hash chain from its
-        tokens and check its cached blocks carry those hashes.
+        block is partly filled), and a sliding table nothing but its dropped prefix
+        before them; with nothing alive, every block must be free. With ``requests``
+        given, also recompute every sequence's hash chain from its tokens and check
+        its cached blocks carry those hashes.
         """
         pool = self.block_pool
         pool.check_invariants()
@@ -412,28 +595,43 @@ class KVCacheManager:
         ref_counts: dict[int, int] = {}
         for request_id, seq in self._seqs.items():
             require(request_id in live_request_ids, f"dead request {request_id!r} holds state")
-            require(
-                [b.block_id for b in seq.blocks] == seq.block_ids,
-                f"{request_id!r}: block ids out of step with its blocks",
-            )
-            # Blocks only where tokens are: all but the last block are full.
-            require(
-                len(seq.blocks) == self.num_blocks_for(seq.num_tokens),
-                f"{request_id!r} holds {len(seq.blocks)} blocks for {seq.num_tokens} tokens "
-                "(more than one partly filled block)",
-            )
-            for block in seq.blocks:
-                ref_counts[block.block_id] = ref_counts.get(block.block_id, 0) + 1
-            require(
-                seq.num_cached_blocks <= len(seq.blocks),
-                f"{request_id!r} has more cached blocks than blocks",
-            )
-            for i in range(seq.num_cached_blocks):
-                h = seq.blocks[i].block_hash
+            require(len(seq.tables) == self.num_groups, f"{request_id!r} has a table per group")
+            for g, t in enumerate(seq.tables):
+                where = f"{request_id!r} group {g}"
                 require(
-                    h is None or h == seq.block_hashes[i],
-                    f"{request_id!r} block {i} carries another prefix's hash",
+                    [NULL_BLOCK_ID if b is None else b.block_id for b in t.blocks] == t.block_ids,
+                    f"{where}: block ids out of step with its blocks",
                 )
+                # Blocks only where tokens are: all but the last block are full.
+                require(
+                    len(t.blocks) == self.num_blocks_for(seq.num_tokens),
+                    f"{where} holds {len(t.blocks)} blocks for {seq.num_tokens} tokens "
+                    "(more than one partly filled block)",
+                )
+                require(
+                    all(b is None for b in t.blocks[: t.num_dropped])
+                    and all(b is not None for b in t.blocks[t.num_dropped :]),
+                    f"{where}: dropped blocks are not exactly its first {t.num_dropped}",
+                )
+                require(
+                    self.sliding_windows[g] is not None or t.num_dropped == 0,
+                    f"{where}: a full-attention table dropped blocks",
+                )
+                for block in t.blocks:
+                    if block is not None:
+                        ref_counts[block.block_id] = ref_counts.get(block.block_id, 0) + 1
+                require(
+                    t.num_cached_blocks <= len(t.blocks),
+                    f"{where} has more cached blocks than blocks",
+                )
+                for i in range(t.num_dropped, t.num_cached_blocks):
+                    block = t.blocks[i]
+                    assert block is not None
+                    h = block.block_hash
+                    require(
+                        h is None or h == _group_key(seq.block_hashes[i], g),
+                        f"{where} block {i} carries another prefix's hash",
+                    )
             if requests is not None and request_id in requests:
                 tokens = requests[request_id].all_token_ids
                 expected = hash_request_tokens(

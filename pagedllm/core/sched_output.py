@@ -39,14 +39,17 @@ class SchedulerOutput:
     The worker performs ``block_copies`` (copy-on-write, source to destination, in
     order) before running the step, drops its state for ``finished_req_ids`` and
     ``preempted_req_ids``, and reads each scheduled request's block table from
-    ``block_tables``. Those are the scheduler's own lists, shared to save a copy
-    per request per step: read them before the next ``schedule()``, never change them.
+    ``block_tables`` (group 0's; with more than one KV-cache layer group every group's
+    are in ``group_block_tables``, group 0 first). Those are the scheduler's own lists,
+    shared to save a copy per request per step: read them before the next
+    ``schedule()``, never change them.
     """
 
     scheduled_requests: list[ScheduledRequest] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     block_tables: dict[str, list[int]] = field(default_factory=dict)
+    group_block_tables: dict[str, list[list[int]]] = field(default_factory=dict)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: set[str] = field(default_factory=set)  # since the previous step

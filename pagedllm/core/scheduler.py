@@ -17,7 +17,7 @@ arrivals and forks happen between steps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.core.invariants import require
@@ -39,13 +39,19 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         num_blocks: int,
+        sliding_windows: Sequence[int | None] = (None,),
     ) -> None:
+        """``sliding_windows``: one entry per KV-cache layer group (None: full attention)."""
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = scheduler_config.max_model_len
         self.block_size = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(
-            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            num_blocks,
+            cache_config.block_size,
+            cache_config.enable_prefix_caching,
+            sliding_windows,
+            scheduler_config.max_num_batched_tokens,
         )
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting = make_request_queue(scheduler_config.policy)
@@ -55,7 +61,7 @@ class Scheduler:
         # Where a request without max_tokens stops: the end of the context, or of the
         # whole KV pool when that is smaller (the last sampled token needs no slot).
         # Without the cap such a request would be refused outright on a small pool.
-        self.default_max_len = min(self.max_model_len, num_blocks * self.block_size + 1)
+        self.default_max_len = self.kv_cache_manager.max_sequence_tokens(self.max_model_len - 1) + 1
 
     # ---------------------------------------------------------------- intake
 
@@ -108,18 +114,17 @@ class Scheduler:
             )
         kv = self.kv_cache_manager
         # Before the check below: on a small pool a default max_tokens may be < 1.
-        if kv.num_blocks_for(num_prompt) > kv.num_blocks:
+        if kv.blocks_needed(num_prompt) > kv.num_blocks:
             return (
                 f"the prompt has {num_prompt} tokens but the whole KV cache holds "
-                f"{kv.num_blocks * self.block_size} ({kv.num_blocks} KV-cache blocks)"
+                f"{kv.max_sequence_tokens(num_prompt)} ({kv.num_blocks} KV-cache blocks)"
             )
         # The last sampled token is never fed back, so it needs no KV slot.
-        num_blocks = self.kv_cache_manager.num_blocks_for(num_prompt + max_tokens - 1)
-        if num_blocks > self.kv_cache_manager.num_blocks:
+        num_blocks = kv.blocks_needed(num_prompt + max_tokens - 1)
+        if num_blocks > kv.num_blocks:
             return (
                 f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) needs up to "
-                f"{num_blocks} KV-cache blocks but the whole cache has "
-                f"{self.kv_cache_manager.num_blocks}"
+                f"{num_blocks} KV-cache blocks but the whole cache has {kv.num_blocks}"
             )
         return None
 
@@ -206,6 +211,11 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
             block_tables={s.request_id: kv.get_block_table(s.request_id) for s in scheduled},
+            group_block_tables=(
+                {s.request_id: kv.get_group_block_tables(s.request_id) for s in scheduled}
+                if kv.num_groups > 1
+                else {}
+            ),
             block_copies=kv.take_pending_copies(),
             preempted_req_ids=preempted,
             finished_req_ids=self.finished_req_ids,

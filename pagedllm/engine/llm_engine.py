@@ -24,6 +24,7 @@ from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.step_stats import StepStats
+from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.loader import load_model, resolve_model_path
 from pagedllm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagedllm.pooling_params import PoolingParams
@@ -38,10 +39,21 @@ from pagedllm.spec_decode import (
 )
 from pagedllm.spec_decode.stats import ACCEPTED_PER_POSITION
 from pagedllm.tokenizer import load_tokenizer
-from pagedllm.worker.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for_memory
+from pagedllm.worker.kv_cache import (
+    allocate_kv_cache,
+    bytes_per_block,
+    kv_cache_groups,
+    num_blocks_for_memory,
+)
 from pagedllm.worker.model_runner import ModelRunner, SampledRow
 
 logger = logging.getLogger(__name__)
+
+
+def _windows(config: ModelArchConfig) -> list[int | None]:
+    """Each KV-cache layer group's sliding window (None: full attention)."""
+    return [group.sliding_window for group in kv_cache_groups(config)]
+
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -120,6 +132,16 @@ class LLMEngine:
                 exact_matmul=args.exact_matmul,
                 max_model_len=max_model_len,
             )
+        windows = _windows(config)
+        sliding = draft_model is not None and (
+            windows != [None] or _windows(draft_model.config) != [None]
+        )
+        if sliding:
+            raise ValueError(
+                "draft-model speculation reaches the draft's KV through the target's one "
+                "block table, so neither model may have sliding-window layers (their blocks "
+                'are freed as the window moves); use {"method": "ngram"} with this model'
+            )
         # a draft model's KV pool has as many blocks as the target's (same tables)
         block_bytes = sum(
             bytes_per_block(m.config, args.block_size, self.kv_cache_dtype)
@@ -135,16 +157,22 @@ class LLMEngine:
         kv_caches = allocate_kv_cache(
             config, num_blocks, args.block_size, self.kv_cache_dtype, self.device
         )
+        self.scheduler = Scheduler(
+            args.scheduler_config(max_model_len),
+            args.cache_config(num_blocks),
+            num_blocks,
+            windows,
+        )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB) in %s",
+            "KV cache: %d blocks of %d tokens (%.1f MiB) in %s, %d layer group(s) (%s); "
+            "one sequence can hold %d tokens",
             num_blocks,
             args.block_size,
-            num_blocks * args.block_size,
             num_blocks * block_bytes / 2**20,
             str(self.kv_cache_dtype).removeprefix("torch."),
-        )
-        self.scheduler = Scheduler(
-            args.scheduler_config(max_model_len), args.cache_config(num_blocks), num_blocks
+            len(windows),
+            ", ".join("full" if w is None else f"window {w}" for w in windows),
+            self.scheduler.default_max_len - 1,
         )
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
         self.runner.sampler.generator = torch.Generator(device=self.device).manual_seed(args.seed)

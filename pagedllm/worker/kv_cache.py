@@ -1,11 +1,14 @@
-"""Sizing and allocating the KV cache: one preallocated pool per layer, in its storage
-format (attention/kv_cache.py)."""
+"""Sizing and allocating the KV cache: one preallocated pool per layer slot, in its
+storage format (attention/kv_cache.py), shared by the layer groups (core/kv_cache_groups.py)."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from pagedllm.attention.kv_cache import KVCache, kv_cache_class, make_kv_cache
+from pagedllm.core.kv_cache_groups import KVCacheGroup, group_layers, group_size
 from pagedllm.model.config import ModelArchConfig
 
 GIB = 1 << 30
@@ -13,14 +16,20 @@ DEFAULT_CPU_KV_GIB = 1.0
 DEFAULT_GPU_MEMORY_FRACTION = 0.9
 
 
+def kv_cache_groups(config: ModelArchConfig) -> list[KVCacheGroup]:
+    """The model's layers grouped by attention span, full attention first."""
+    return group_layers([config.layer_window(layer) for layer in range(config.num_layers)])
+
+
 def bytes_per_token(config: ModelArchConfig, dtype: torch.dtype) -> int:
-    """Bytes one token takes across all layers, keys and values, scales included."""
+    """Bytes one token slot of a block takes across its layer slots (every layer, for a
+    model with one group), keys and values, scales included."""
     per_layer = kv_cache_class(dtype).bytes_per_token(config.num_kv_heads, config.head_dim, dtype)
-    return config.num_layers * per_layer
+    return group_size(kv_cache_groups(config)) * per_layer
 
 
 def bytes_per_block(config: ModelArchConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers, keys and values, scales included."""
+    """Bytes one block takes across its layer slots, keys and values, scales included."""
     return bytes_per_token(config, dtype) * block_size
 
 
@@ -47,24 +56,34 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device,
 ) -> list[KVCache]:
-    """One cache of `num_blocks` blocks storing `dtype` per layer, each knowing its layer's
-    sliding window."""
-    caches = []
-    for layer in range(config.num_layers):
-        cache = make_kv_cache(
+    """Each layer's cache, in layer order: a view of its slot's pool of `num_blocks` blocks
+    storing `dtype`, knowing its layer's sliding window and group (whose block table
+    it is read through)."""
+    groups = kv_cache_groups(config)
+    slots = [
+        make_kv_cache(
             num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype=dtype, device=device
         )
-        cache.sliding_window = config.layer_window(layer)
-        caches.append(cache)
-    return caches
+        for _ in range(group_size(groups))
+    ]
+    caches: list[KVCache | None] = [None] * config.num_layers
+    for index, group in enumerate(groups):
+        for slot, layer in enumerate(group.layers):
+            cache = copy.copy(slots[slot]) if len(groups) > 1 else slots[slot]
+            cache.sliding_window = group.sliding_window
+            cache.group = index
+            caches[layer] = cache
+    assert all(c is not None for c in caches)
+    return caches  # type: ignore[return-value]
 
 
 def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
-    """Copy-on-write: duplicate source blocks into destinations in every layer."""
+    """Copy-on-write: duplicate source blocks into destinations in every layer slot."""
     if not copies:
         return
     device = kv_caches[0].device
     src = torch.tensor([s for s, _ in copies], device=device)
     dst = torch.tensor([d for _, d in copies], device=device)
-    for cache in kv_caches:
+    pools = {id(cache.data): cache for cache in kv_caches}  # a slot's views share its pool
+    for cache in pools.values():
         cache.copy_blocks(src, dst)

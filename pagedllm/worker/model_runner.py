@@ -125,11 +125,12 @@ class ModelRunner:
         if not scheduled:
             return RunnerOutput({}, {})
         input_ids: list[int] = []
-        seq_lens, query_lens, tables = [], [], []
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        rows: list[str] = []  # the request of each attention row
         for s in scheduled:
             input_ids.extend(s.token_ids)
             end = s.num_computed_tokens_before + s.num_new_tokens
-            table = output.block_tables[s.request_id]
             if s.num_draft_tokens:
                 # Verification as decode rows, one per position, each seeing the keys up
                 # to its own: the decode kernels then compute each position exactly as a
@@ -137,12 +138,26 @@ class ModelRunner:
                 first = end - s.num_draft_tokens
                 seq_lens.extend(range(first, end + 1))
                 query_lens.extend([1] * (s.num_draft_tokens + 1))
-                tables.extend([table] * (s.num_draft_tokens + 1))
+                rows.extend([s.request_id] * (s.num_draft_tokens + 1))
                 continue
             seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
-            tables.append(table)
-        meta = AttentionMetadata.build(seq_lens, query_lens, tables, self.block_size, self.device)
+            rows.append(s.request_id)
+        if output.group_block_tables:
+            by_group = output.group_block_tables
+            num_groups = len(by_group[rows[0]])
+            meta = AttentionMetadata.build_grouped(
+                seq_lens,
+                query_lens,
+                [[by_group[r][g] for r in rows] for g in range(num_groups)],
+                self.block_size,
+                self.device,
+            )
+        else:
+            tables = [output.block_tables[r] for r in rows]
+            meta = AttentionMetadata.build(
+                seq_lens, query_lens, tables, self.block_size, self.device
+            )
         ids = torch.tensor(input_ids, device=self.device)
         with self.forward_timer:
             hidden = self.model(ids, meta.positions, self.kv_caches, meta)

@@ -37,33 +37,38 @@ class FakeWorker:
         for (_, dst), data in zip(output.block_copies, gathered, strict=True):
             self.slots[dst] = data
         sampled: dict[str, list[int]] = {}
+        windows = kv.sliding_windows
         for sched in output.scheduled_requests:
             request = self.scheduler.get_request(sched.request_id)
             assert request is not None
-            table = output.block_tables[sched.request_id]
-            assert table == kv.get_block_ids(sched.request_id)
+            tables = self._tables(output, sched.request_id)
+            assert tables[0] == kv.get_block_ids(sched.request_id)
+            assert len(tables) == len(windows)
             start = sched.num_computed_tokens_before
             end = start + sched.num_new_tokens
             known = end - sched.num_draft_tokens  # drafts follow the sequence's own tokens
             assert sched.token_ids[: known - start] == request.all_token_ids[start:known]
             assert known == start + 1 or not sched.num_draft_tokens, "drafts only on a decode"
-            assert len(table) * size >= end, "too few blocks for the scheduled tokens"
-            for pos in range(start, end):
-                block = blocks[table[pos // size]]
-                assert block.ref_cnt == 1, f"write into shared {block}"
-                assert block.block_hash is None, f"write into cached {block}"
-                self.slots[block.block_id][pos % size] = sched.token_ids[pos - start]
+            for table in tables:  # every group writes the step's tokens into its blocks
+                assert len(table) * size >= end, "too few blocks for the scheduled tokens"
+                for pos in range(start, end):
+                    block = blocks[table[pos // size]]
+                    assert block.ref_cnt == 1, f"write into shared {block}"
+                    assert block.block_hash is None, f"write into cached {block}"
+                    self.slots[block.block_id][pos % size] = sched.token_ids[pos - start]
         # Reads after all writes: a request may read KV another wrote this step.
         for sched in output.scheduled_requests:
             request = self.scheduler.get_request(sched.request_id)
             assert request is not None
-            table = output.block_tables[sched.request_id]
-            end = sched.num_computed_tokens_before + sched.num_new_tokens
+            start = sched.num_computed_tokens_before
+            end = start + sched.num_new_tokens
             drafts = sched.token_ids[len(sched.token_ids) - sched.num_draft_tokens :]
-            seen = [self.slots[table[p // size]][p % size] for p in range(end)]
-            assert seen == request.all_token_ids[: end - len(drafts)] + drafts, (
-                f"{sched.request_id} reads wrong KV"
-            )
+            context = request.all_token_ids[: end - len(drafts)] + drafts
+            for table, window in zip(self._tables(output, sched.request_id), windows, strict=True):
+                # what the step's first query sees: a sliding group only its window
+                first = 0 if window is None else max(0, start - window + 1)
+                seen = [self.slots[table[p // size]][p % size] for p in range(first, end)]
+                assert seen == context[first:], f"{sched.request_id} reads wrong KV"
             if not sched.is_prefill_chunk:
                 assert end - len(drafts) == request.num_tokens
                 forced = self.next_tokens.get(sched.request_id)
@@ -72,6 +77,11 @@ class FakeWorker:
                 accepted = drafts[: self.rng.randint(0, len(drafts))]
                 sampled[sched.request_id] = [*accepted, token]
         return sampled
+
+    @staticmethod
+    def _tables(output: SchedulerOutput, request_id: str) -> list[list[int]]:
+        """The request's block table in every layer group, group 0 first."""
+        return output.group_block_tables.get(request_id) or [output.block_tables[request_id]]
 
     def record_chains(self, also: list | None = None) -> None:
         """Remember the content of every full block of every live request (and of
@@ -86,7 +96,8 @@ class FakeWorker:
     def check_cached_blocks(self) -> None:
         """Every cached block, free or not, still holds the tokens its hash names."""
         pool = self.scheduler.kv_cache_manager.block_pool
-        for block_hash, block in pool.cached_block_hash_to_block.items():
+        for key, block in pool.cached_block_hash_to_block.items():
+            block_hash = key[:32]  # a group's key is the block's hash and the group
             assert block_hash in self.chains, f"{block} has a hash no request produced"
             assert self.slots[block.block_id] == self.chains[block_hash], f"{block} content"
 

@@ -147,7 +147,7 @@ def test_more_than_one_partly_filled_block_is_caught():
 
 def test_block_ids_out_of_step_are_caught():
     kv, _ = running_manager()
-    kv._seqs["a"].block_ids[0] = 7
+    kv._seqs["a"].tables[0].block_ids[0] = 7
     with pytest.raises(InvariantError, match="out of step"):
         kv.check_invariants({"a"})
 
@@ -155,10 +155,11 @@ def test_block_ids_out_of_step_are_caught():
 def test_wrong_cached_hashes_are_caught():
     kv, req = running_manager()
     seq = kv._seqs["a"]
-    seq.num_cached_blocks = 4
+    table = seq.tables[0]
+    table.num_cached_blocks = 4
     with pytest.raises(InvariantError, match="more cached blocks than blocks"):
         kv.check_invariants({"a"})
-    seq.num_cached_blocks = 2
+    table.num_cached_blocks = 2
     seq.block_hashes[0], seq.block_hashes[1] = seq.block_hashes[1], seq.block_hashes[0]
     with pytest.raises(InvariantError, match="another prefix's hash"):
         kv.check_invariants({"a"})

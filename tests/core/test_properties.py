@@ -37,6 +37,10 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+# Layer groups' sliding windows (None: full attention), group 0 first: one full group
+# (Llama), one sliding group (Mistral), a full group beside sliding ones (Gemma 3).
+WINDOWS = st.sampled_from([(None,), (3,), (None, 3), (None, 5, 5), (None, 1)])
+
 # A few shared prompt heads so that prefix hits and shared blocks are common.
 HEADS = [[], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9, 9, 9], [7] * 12]
 prompts = st.builds(
@@ -119,9 +123,11 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         num_blocks=st.integers(2, 24),
         block_size=st.sampled_from([1, 2, 4]),
         caching=st.booleans(),
+        windows=WINDOWS,
     )
-    def setup(self, num_blocks: int, block_size: int, caching: bool) -> None:
-        self.kv = KVCacheManager(num_blocks, block_size, caching)
+    def setup(self, num_blocks: int, block_size: int, caching: bool, windows) -> None:
+        self.kv = KVCacheManager(num_blocks, block_size, caching, windows)
+        self.windows = windows
         self.size = block_size
         self.slots = [[None] * block_size for _ in range(num_blocks)]
         self.requests: dict[str, Request] = {}
@@ -132,28 +138,37 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         """Allocate, copy, write and commit ``num_new`` tokens; False if refused."""
         kv = self.kv
         free_before = kv.get_num_free_blocks()
-        table_before = kv.get_block_ids(request.request_id)
+        held_before = self._held(request.request_id)
         ids = kv.allocate_slots(request, num_new, *hit)
         if ids is None:
-            assert kv.get_num_free_blocks() == free_before
-            assert kv.get_block_ids(request.request_id) == table_before
+            # nothing changed but the blocks a sliding window has left
+            assert kv.get_num_free_blocks() >= free_before
+            held, lengths = self._held(request.request_id)
+            assert held <= held_before[0] and lengths == held_before[1]
             return False
         copies = kv.take_pending_copies()
         data = [list(self.slots[src]) for src, _ in copies]
         for (_, dst), d in zip(copies, data, strict=True):
             self.slots[dst] = d
         request.num_computed_tokens += hit[1]
-        table = kv.get_block_ids(request.request_id)
         start = request.num_computed_tokens
-        for pos in range(start, start + num_new):
-            block = kv.block_pool.blocks[table[pos // self.size]]
-            assert block.ref_cnt == 1, f"write into shared {block}"
-            assert block.block_hash is None, f"write into cached {block}"
-            self.slots[block.block_id][pos % self.size] = request.all_token_ids[pos]
+        for table in kv.get_group_block_tables(request.request_id):
+            for pos in range(start, start + num_new):
+                block = kv.block_pool.blocks[table[pos // self.size]]
+                assert block.ref_cnt == 1, f"write into shared {block}"
+                assert block.block_hash is None, f"write into cached {block}"
+                self.slots[block.block_id][pos % self.size] = request.all_token_ids[pos]
         request.num_computed_tokens += num_new
         kv.cache_blocks(request, request.num_computed_tokens)
         self._record(request)
         return True
+
+    def _held(self, request_id: str) -> tuple[int, list[int]]:
+        """How many blocks the request holds, and its tables' lengths."""
+        if not self.kv.holds_blocks(request_id):
+            return 0, []
+        tables = self.kv.get_group_block_tables(request_id)
+        return self.kv.num_held_blocks(request_id), [len(t) for t in tables]
 
     def _record(self, request: Request) -> None:
         tokens = request.all_token_ids
@@ -217,12 +232,21 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         kv = self.kv
         kv.check_invariants(self.requests.keys(), self.requests)
         for request in self.requests.values():
-            table = kv.get_block_ids(request.request_id)
+            if not kv.holds_blocks(request.request_id):
+                continue
             n = request.num_computed_tokens
-            seen = [self.slots[table[p // self.size]][p % self.size] for p in range(n)]
-            assert seen == request.all_token_ids[:n], f"{request.request_id} reads wrong KV"
-        for block_hash, block in kv.block_pool.cached_block_hash_to_block.items():
-            assert self.slots[block.block_id] == self.chains[block_hash]
+            tables = kv.get_group_block_tables(request.request_id)
+            for table, window in zip(tables, self.windows, strict=True):
+                # a sliding group keeps what the next query (at position n) sees
+                first = 0 if window is None else max(0, n - window + 1)
+                seen = [self.slots[table[p // self.size]][p % self.size] for p in range(first, n)]
+                assert seen == request.all_token_ids[first:n], (
+                    f"{request.request_id} reads wrong KV"
+                )
+            held = kv.num_held_blocks(request.request_id)
+            assert held <= kv.blocks_needed(request.num_tokens), "more blocks than it can need"
+        for key, block in kv.block_pool.cached_block_hash_to_block.items():
+            assert self.slots[block.block_id] == self.chains[key[:32]]
         stats = kv.stats()
         allocated = stats.num_blocks_used * self.size
         assert kv.slot_usage() == (stats.num_token_slots_used, allocated)
@@ -245,8 +269,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         chunked=st.booleans(),
         caching=st.booleans(),
         policy=st.sampled_from(["fcfs", "priority"]),
+        windows=WINDOWS,
     )
-    def setup(self, num_blocks, block_size, budget, max_num_seqs, chunked, caching, policy):
+    def setup(
+        self, num_blocks, block_size, budget, max_num_seqs, chunked, caching, policy, windows
+    ):
         max_model_len = 48
         if not chunked:
             budget = max(budget, max_model_len)
@@ -258,7 +285,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             policy=policy,
         )
         cache = CacheConfig(block_size=block_size, enable_prefix_caching=caching)
-        self.scheduler = Scheduler(config, cache, num_blocks)
+        self.scheduler = Scheduler(config, cache, num_blocks, windows)
         self.worker = FakeWorker(self.scheduler, vocab_size=10)
         self.counter = 0
         self.finished: set[str] = set()
@@ -283,7 +310,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         kv = self.scheduler.kv_cache_manager
         fits = (
             len(prompt) + max_tokens <= 48
-            and kv.num_blocks_for(len(prompt) + max_tokens - 1) <= kv.num_blocks
+            and kv.blocks_needed(len(prompt) + max_tokens - 1) <= kv.num_blocks
         )
         try:
             self.scheduler.add_request(request)
@@ -383,9 +410,10 @@ workloads = st.lists(
     budget=st.integers(4, 40),
     policy=st.sampled_from(["fcfs", "priority"]),
     caching=st.booleans(),
+    windows=WINDOWS,
 )
 def test_random_workloads_finish_without_leaks_and_admit_in_order(
-    workload, num_blocks, budget, policy, caching
+    workload, num_blocks, budget, policy, caching, windows
 ):
     """Tight pools force preemption (and, under "priority", unscheduling) every few
     steps; everything still finishes, first admissions follow the policy's order, and
@@ -394,7 +422,7 @@ def test_random_workloads_finish_without_leaks_and_admit_in_order(
         max_num_seqs=4, max_num_batched_tokens=budget, max_model_len=48, policy=policy
     )
     cache = CacheConfig(block_size=2, enable_prefix_caching=caching)
-    scheduler = Scheduler(config, cache, num_blocks)
+    scheduler = Scheduler(config, cache, num_blocks, windows)
     worker = FakeWorker(scheduler, vocab_size=10)
     arrivals = sorted(range(len(workload)), key=lambda k: workload[k][3])
     accepted: list[Request] = []

@@ -24,7 +24,7 @@ from transformers import (
 
 from pagedllm.attention import AttentionMetadata
 from pagedllm.model.loader import load_model
-from pagedllm.worker.kv_cache import allocate_kv_cache
+from pagedllm.worker.kv_cache import allocate_kv_cache, kv_cache_groups
 from tests.model.tiny_gguf import finish
 
 SMALL = dict(
@@ -71,8 +71,15 @@ def random_model(config: PretrainedConfig) -> torch.nn.Module:
 def all_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     """One prefill of `ids` over scattered blocks; logits at every position."""
     num_blocks = -(-len(ids) // 16)
-    kv = allocate_kv_cache(model.config, num_blocks + 3, 16, torch.float32, torch.device("cpu"))
-    meta = AttentionMetadata.build([len(ids)], [len(ids)], [list(range(num_blocks + 2, 2, -1))], 16)
+    num_groups = len(kv_cache_groups(model.config))
+    kv = allocate_kv_cache(
+        model.config, num_groups * num_blocks + 3, 16, torch.float32, torch.device("cpu")
+    )
+    # each layer group its own blocks of the shared pool, in reverse order
+    tables = [
+        [list(range((g + 1) * num_blocks + 2, g * num_blocks + 2, -1))] for g in range(num_groups)
+    ]
+    meta = AttentionMetadata.build_grouped([len(ids)], [len(ids)], tables, 16)
     with torch.no_grad():
         return model.compute_logits(model(torch.tensor(ids), meta.positions, kv, meta))
 

@@ -105,6 +105,32 @@ def test_past_the_sliding_window_logprobs_match_transformers(gemma_path, long_ca
     tokens, ours = _logprobs_of(llm, ids)
     assert tokens == expected_tokens
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    # again, from the prefix cache: the global group's every block, the local groups'
+    # last window (their earlier blocks were freed as the window moved on)
+    hits = llm.get_metrics()["prefix_cache_hits"]
+    tokens, ours = _logprobs_of(llm, ids)
+    assert llm.get_metrics()["prefix_cache_hits"] - hits == 576  # 36 blocks of 16
+    assert tokens == expected_tokens
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_local_layers_hold_a_window_of_blocks(gemma_path, long_case):
+    """While decoding past the window, each local group holds about a window of blocks
+    and the global group every block: 606 tokens hold 38 + 5 * 33 blocks, not 6 * 38."""
+    ids, expected_tokens, _ = long_case
+    engine = LLM(model=gemma_path, exact_matmul=True, max_num_batched_tokens=256).engine
+    engine.add_request("long", {"prompt_token_ids": ids}, GREEDY.clone(max_tokens=16))
+    kv = engine.scheduler.kv_cache_manager
+    held, tokens = [], []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens = out.outputs[0].token_ids
+        if engine.has_unfinished_requests():
+            held.append(kv.num_held_blocks("long"))
+    assert tokens == expected_tokens
+    assert held[-1] == 38 + 5 * 33  # positions 590..605: a local query sees 32-33 blocks
+    assert max(held) <= 38 + 5 * ((512 + 256 - 2) // 16 + 2)
+    assert kv.get_num_free_blocks() == kv.num_blocks
 
 
 def test_the_window_matters_at_that_length(gemma_path, long_case, monkeypatch):
@@ -118,6 +144,11 @@ def test_the_window_matters_at_that_length(gemma_path, long_case, monkeypatch):
         return caches
 
     monkeypatch.setattr("pagedllm.engine.llm_engine.allocate_kv_cache", without_windows)
+    # and no group drops the blocks its window has left
+    monkeypatch.setattr(
+        "pagedllm.engine.llm_engine._windows",
+        lambda config: [None] * len(worker_kv_cache.kv_cache_groups(config)),
+    )
     ids, expected_tokens, expected = long_case
     tokens, ours = _logprobs_of(LLM(model=gemma_path, exact_matmul=True), ids)
     assert tokens != expected_tokens or (ours - expected).abs().max() > 1e-3

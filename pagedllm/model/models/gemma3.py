@@ -96,7 +96,7 @@ class Gemma3ForCausalLM(nn.Module):
         local_angles = self.rotary_local.cos_sin(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             angles = local_angles if layer.is_sliding else global_angles
-            hidden = layer(hidden, angles, kv_cache, meta)
+            hidden = layer(hidden, angles, kv_cache, meta.for_group(kv_cache.group))
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -260,7 +260,12 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
         layers = self.layers
-        if self.fused_decode and meta.decode_only and cpu_decode.supports(hidden, kv_caches[0]):
+        if (
+            self.fused_decode
+            and meta.decode_only
+            and not meta.groups  # one step struct serves every layer: one block table
+            and cpu_decode.supports(hidden, kv_caches[0])
+        ):
             exact = self.lm_head.exact
             if hidden.shape[0] <= MAX_ROWS and decode_layer.available():  # one call a layer
                 step = decode_layer.DecodeStep(cos_sin, meta)
@@ -271,7 +276,7 @@ class LlamaForCausalLM(nn.Module):
                     hidden = layer.fused_decode(hidden, cos_sin, kv_cache, meta, exact)
         else:
             for layer, kv_cache in zip(layers, kv_caches, strict=True):
-                hidden = layer(hidden, cos_sin, kv_cache, meta)
+                hidden = layer(hidden, cos_sin, kv_cache, meta.for_group(kv_cache.group))
         return self.norm(hidden)
 
     fused_decode = False  # every layer can run decode steps as C calls (set at load)
