@@ -6,7 +6,9 @@ here, with an error naming the field and the value, so the engine can trust it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 _GREEDY_EPS = 1e-5
 # The range torch.Generator.manual_seed accepts; larger seeds would crash the engine.
@@ -20,6 +22,73 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 512
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 300
+# Bounds on a structured-output constraint: compiling one costs time on the engine's thread.
+MAX_GRAMMAR_CHARS = 100_000
+MAX_CHOICES = 1024
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output's text, as vLLM names them: exactly one of a JSON
+    schema, any JSON object, a regular expression, a choice among strings, or a grammar
+    (Lark/EBNF, or llama.cpp's GBNF, told apart by its ``::=``)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        set_fields = list(self._set_fields())
+        if len(set_fields) != 1:
+            names = ", ".join(self.__dataclass_fields__)
+            raise ValueError(
+                f"structured_outputs takes exactly one of {names}; got "
+                f"{', '.join(set_fields) or 'none'}"
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if self.json is not None and not isinstance(self.json, dict | bool):
+            raise ValueError(
+                f"structured_outputs.json must be a JSON schema object, got {self.json!r}"
+            )
+        if self.json_object is not None and self.json_object is not True:
+            raise ValueError("structured_outputs.json_object must be true")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"structured_outputs.{name} must be a string, got {value!r}")
+        if self.choice is not None:
+            if not isinstance(self.choice, list | tuple) or not all(
+                isinstance(c, str) and c for c in self.choice
+            ):
+                raise ValueError("structured_outputs.choice must be a list of non-empty strings")
+            if len(self.choice) > MAX_CHOICES:
+                raise ValueError(
+                    f"structured_outputs.choice may list at most {MAX_CHOICES} strings"
+                )
+            self.choice = list(self.choice)
+        if len(self.key) > MAX_GRAMMAR_CHARS:
+            raise ValueError(
+                f"structured_outputs is {len(self.key)} characters long; at most "
+                f"{MAX_GRAMMAR_CHARS} are compiled"
+            )
+
+    def _set_fields(self) -> dict[str, Any]:
+        return {
+            name: value
+            for name in self.__dataclass_fields__
+            if (value := getattr(self, name)) is not None and value is not False
+        }
+
+    @property
+    def key(self) -> str:
+        """A canonical text of the constraint: equal keys compile to the same grammar."""
+        return json.dumps(self._set_fields(), sort_keys=True)
 
 
 @dataclass
@@ -45,8 +114,12 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # a constraint on the output text (a JSON schema, regex, choice or grammar)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = _as_list("stop", self.stop, MAX_STOP_STRINGS)
@@ -103,6 +176,12 @@ class SamplingParams:
             for token_id, bias in self.logit_bias.items():
                 _check_int("logit_bias", token_id, minimum=0)
                 _check_number("logit_bias", bias, minimum=-100.0, maximum=100.0)
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}"
+            )
 
     @property
     def greedy(self) -> bool:

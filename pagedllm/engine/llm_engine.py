@@ -29,6 +29,7 @@ from pagedllm.model.loader import load_model, resolve_model_path
 from pagedllm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import Request, RequestStatus
+from pagedllm.sample.grammar import GrammarCompiler, GrammarMatchers
 from pagedllm.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from pagedllm.spec_decode import (
     DraftModelProposer,
@@ -175,6 +176,14 @@ class LLMEngine:
             self.scheduler.default_max_len - 1,
         )
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
+        tokenizer = self.tokenizer
+        self.runner.grammars = GrammarMatchers(
+            GrammarCompiler(
+                tokenizer.hf,
+                config.vocab_size,
+                [tokenizer.eos_token_id, *tokenizer.end_of_turn_ids],
+            )
+        )
         self.runner.sampler.generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -248,6 +257,9 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
         text, ids = self.tokenize_prompt(prompt)
+        if params.structured_outputs is not None:  # refused here if it does not compile
+            assert self.runner.grammars is not None
+            self.runner.grammars.compiler.compile(params.structured_outputs)
         params = self._with_end_of_turn_stops(
             params.within_vocabulary(self.model_config.vocab_size)
         )

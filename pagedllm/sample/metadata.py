@@ -72,6 +72,9 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     # Largest `logprobs` asked for in the batch; None when no row asks.
     max_num_logprobs: int | None = None
+    # Structured output: [B, ceil(V / 32)] int32, bit t % 32 of word t // 32 set where
+    # token t is allowed (all bits set on unconstrained rows); None when no row is.
+    allowed_bitmask: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.sample.grammar import apply_token_bitmask
 from pagedllm.sample.logprobs import LogprobsTensors, gather_logprobs
 from pagedllm.sample.metadata import SamplingMetadata
 from pagedllm.sample.penalties import apply_logit_bias, apply_min_tokens, apply_penalties
@@ -23,8 +24,8 @@ class SamplerOutput:
 class Sampler:
     """Turns logits [B, V] into one token per row.
 
-    Order, as in vLLM: raw logprobs; min_tokens, logit_bias and penalties (these
-    change greedy picks too); greedy argmax; temperature; min-p, top-k, top-p;
+    Order, as in vLLM: raw logprobs; the structured-output mask; min_tokens, logit_bias
+    and penalties (these change greedy picks too); greedy argmax; temperature; min-p, top-k, top-p;
     the exponential-race draw. Unseeded random rows share ``generator`` (the
     torch default generator when None); seeded rows use their own, carried in
     the metadata. The input logits are never modified.
@@ -38,10 +39,17 @@ class Sampler:
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
 
-        edits = meta.banned_rows is not None or meta.bias_rows is not None or meta.any_penalties
+        edits = (
+            meta.banned_rows is not None
+            or meta.bias_rows is not None
+            or meta.any_penalties
+            or meta.allowed_bitmask is not None
+        )
         if edits or not meta.all_greedy:
             # The steps below work in place; the caller's logits stay untouched.
             logits = logits.to(torch.float32, copy=True)
+        if meta.allowed_bitmask is not None:
+            logits = apply_token_bitmask(logits, meta.allowed_bitmask)
         if meta.banned_rows is not None:
             logits = apply_min_tokens(logits, meta)
         if meta.bias_rows is not None:

@@ -17,11 +17,13 @@ PENDING_DRAFT = -1
 def decodes_next(request: Request) -> bool:
     """Whether the request's next step computes its last token and samples after it: the
     only steps drafts can follow (not mid-prefill, not preempted, not an embedding,
-    which samples nothing)."""
+    which samples nothing), and not under structured output (its grammar would have to
+    follow the drafts and roll back the rejected ones)."""
     return (
         request.num_computed_tokens == request.num_tokens - 1
         and not request.is_finished
         and request.pooling is None
+        and request.sampling_params.structured_outputs is None
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from pagedllm.attention import AttentionMetadata, KVCache
 from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.request import Request
+from pagedllm.sample.grammar import GrammarMatchers
 from pagedllm.sample.logprobs import LogprobsTensors, compute_prompt_logprobs
 from pagedllm.sample.metadata import RowSamplingState, SamplingMetadata, seeded_generator
 from pagedllm.sample.sampler import Sampler
@@ -77,6 +79,10 @@ class ModelRunner:
         # first position's (cls)
         self._pooled: dict[str, torch.Tensor] = {}
         self.forward_timer = ForwardTimer(device)
+        # structured output: each constrained request's grammar matcher (set by the engine,
+        # which owns the tokenizer); masks are filled on a thread during the forward pass
+        self.grammars: GrammarMatchers | None = None
+        self._mask_thread: ThreadPoolExecutor | None = None
 
     def generator_for(self, request: Request) -> torch.Generator | None:
         """The request's own random stream when it is seeded, made on first use."""
@@ -104,6 +110,29 @@ class ModelRunner:
         for request_id in request_ids:
             self._generators.pop(request_id, None)
             self._pooled.pop(request_id, None)
+        if self.grammars is not None:
+            self.grammars.release(request_ids)
+
+    def _start_masks(
+        self, output: SchedulerOutput, requests: dict[str, Request]
+    ) -> tuple[dict[str, int], Future[torch.Tensor]] | None:
+        """Begin filling the step's structured-output masks beside the forward pass: the
+        row of each constrained request that samples, and the future bitmasks."""
+        if self.grammars is None:
+            return None
+        constrained = []
+        for s in output.scheduled_requests:
+            request = requests[s.request_id]
+            if s.samples and request.pooling is None:
+                params = request.sampling_params.structured_outputs
+                if params is not None:
+                    constrained.append((s.request_id, params, list(request.output_token_ids)))
+        if not constrained:
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="pagedllm-masks")
+        rows = {request_id: row for row, (request_id, _, _) in enumerate(constrained)}
+        return rows, self._mask_thread.submit(self.grammars.fill, constrained)
 
     @torch.inference_mode()
     def execute(
@@ -159,13 +188,14 @@ class ModelRunner:
                 seq_lens, query_lens, tables, self.block_size, self.device
             )
         ids = torch.tensor(input_ids, device=self.device)
+        masks = self._start_masks(output, requests)
         with self.forward_timer:
             hidden = self.model(ids, meta.positions, self.kv_caches, meta)
         starts = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
         prompt_logprobs = self._prompt_logprobs(output, requests, hidden, starts)
         embeddings = self._pool(output, requests, hidden, starts)
         return RunnerOutput(
-            self._sample(output, requests, hidden, starts, num_samples),
+            self._sample(output, requests, hidden, starts, num_samples, masks),
             prompt_logprobs,
             embeddings,
         )
@@ -212,6 +242,7 @@ class ModelRunner:
         hidden: torch.Tensor,
         starts: list[int],
         num_samples: dict[str, int] | None,
+        masks: tuple[dict[str, int], Future[torch.Tensor]] | None = None,
     ) -> dict[str, SampledRow]:
         # logits only for the rows that sample: each sampling request's last token, and
         # for a request verifying k drafts its k + 1 last positions
@@ -261,6 +292,14 @@ class ModelRunner:
         if len(row_logits) != logits.shape[0]:
             logits = logits[torch.tensor(row_logits, device=logits.device)]
         meta_s = SamplingMetadata.from_requests(rows, self.vocab_size, self.device)
+        if masks is not None:
+            mask_rows, pending = masks
+            bitmasks = pending.result()
+            all_allowed = bitmasks.new_full((1, bitmasks.shape[1]), -1)
+            table = torch.cat([bitmasks, all_allowed])  # its last row: unconstrained
+            unconstrained = table.shape[0] - 1
+            index = [mask_rows.get(request_id, unconstrained) for request_id, _ in owners]
+            meta_s.allowed_bitmask = table[torch.tensor(index)].to(self.device)
         out = self.sampler(logits, meta_s)
         tokens = out.sampled_token_ids.tolist()
         logprob_rows = _logprob_rows(out.logprobs)

@@ -77,7 +77,7 @@ class APIError(Exception):
 def bad_request(error: ValueError, params: tuple[str, ...] = ()) -> APIError:
     """A 400 from a ValueError whose message begins with the field it names."""
     message = str(error)
-    first = message.split(" ", 1)[0]
+    first = message.split(" ", 1)[0].rstrip(":.")
     return APIError(400, message, param=first if first in params else None)
 
 

@@ -18,6 +18,7 @@ from pagedllm.sampling_params import (
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
+    StructuredOutputsParams,
 )
 
 # OpenAI's own bound; a larger n would fork that many sequences from one request.
@@ -53,6 +54,54 @@ class StreamOptions(_Body):
     include_usage: bool | None = False
 
 
+class JsonSchemaFormat(_Body):
+    """OpenAI's `response_format.json_schema`: the schema the output must follow."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's `response_format`: plain text, any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is None or self.json_schema.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return StructuredOutputsParams(json=self.json_schema.json_schema)
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: exactly one of these constraints."""
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: Annotated[list[str], Field(max_length=1024)] | None = None
+    grammar: str | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    def constraint(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(
+            json=self.json_schema,
+            json_object=self.json_object,
+            regex=self.regex,
+            choice=self.choice,
+            grammar=self.grammar,
+        )
+
+
 class _SamplingFields(_Body):
     """Fields shared by both endpoints; None means the default."""
 
@@ -77,10 +126,46 @@ class _SamplingFields(_Body):
     stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its
+    # older guided_* fields (one of them at most)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(max_length=1024)] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _constraint(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint the body sets, if any."""
+        guided = {
+            "json": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        sources = [
+            name
+            for name, value in (
+                ("response_format", self.response_format and self.response_format.type != "text"),
+                ("structured_outputs", self.structured_outputs),
+                *((f"guided_{k}", v is not None) for k, v in guided.items()),
+            )
+            if value
+        ]
+        if len(sources) > 1:
+            raise ValueError(
+                f"structured_outputs: set one constraint at most, got {', '.join(sources)}"
+            )
+        if self.response_format is not None:
+            return self.response_format.constraint()
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        set_guided = {k: v for k, v in guided.items() if v is not None}
+        return StructuredOutputsParams(**set_guided) if set_guided else None  # type: ignore[arg-type]
 
     def _sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
@@ -113,11 +198,19 @@ class _SamplingFields(_Body):
                 values[name] = value
         if self.stop is not None:
             values["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        try:
+            values["structured_outputs"] = self._constraint()
+        except ValueError as e:
+            message = str(e)
+            if not message.startswith("structured_outputs"):
+                message = f"structured_outputs: {message}"
+            raise ValueError(message) from None
         return SamplingParams(**values)  # type: ignore[arg-type]
 
 
 # The names SamplingParams puts first in its errors, reported as the error's `param`.
 SAMPLING_PARAM_NAMES = (
+    "structured_outputs",
     "n",
     "temperature",
     "top_p",
