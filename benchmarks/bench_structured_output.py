@@ -276,7 +276,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     args = parser.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}"
+    )
     llm = LLM()
     mask_fill(llm)
     validity(llm, args.requests)

@@ -732,9 +732,11 @@ def template_variables(
     messages: Sequence[Mapping[str, Any]],
     add_generation_prompt: bool,
     special_tokens: Mapping[str, str],
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """What transformers' `apply_chat_template` passes a template: the conversation (keys
-    whose value is None dropped), no tools or documents, the flag, and the special tokens."""
+    whose value is None dropped), the tools (OpenAI's `tools` entries) or None, no
+    documents, the flag, and the special tokens."""
     if not messages:
         raise ValueError("Cannot apply chat template to an empty conversation")
     chat = []
@@ -745,10 +747,23 @@ def template_variables(
     return {
         **_plain(dict(special_tokens)),
         "messages": chat,
-        "tools": None,
+        "tools": _plain(list(tools)) if tools else None,
         "documents": None,
         "add_generation_prompt": add_generation_prompt,
     }
+
+
+def tools_system_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The tools offered in Hermes' words (the `<tool_call>` format the server's "hermes"
+    parser reads), for chat templates that do not render tools themselves."""
+    listed = "\n".join(json.dumps(tool) for tool in tools)
+    return (
+        "You are a function calling AI model. You may call one or more functions to assist "
+        "with the user query. Here are the available tools:\n<tools>\n"
+        f"{listed}\n</tools>\nFor each function call, return a JSON object with the function "
+        "name and arguments within <tool_call></tool_call> tags:\n"
+        '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    )
 
 
 # ---------------------------------------------------------------------------- render

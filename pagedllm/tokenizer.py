@@ -27,7 +27,7 @@ from typing import Any
 
 from pagedllm import cpu_kernels
 from pagedllm.chat_template import check_template as check_template
-from pagedllm.chat_template import render_template, template_variables
+from pagedllm.chat_template import render_template, template_variables, tools_system_prompt
 from pagedllm.model.loader import ModelLoadError, resolve_model_path
 
 Message = dict[str, Any]
@@ -140,15 +140,21 @@ class Tokenizer:
         messages: list[Message],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render a conversation with the model's template (or `chat_template`), sandboxed and
-        bounded in time and size (see `pagedllm.chat_template`)."""
+        bounded in time and size (see `pagedllm.chat_template`). `tools` (OpenAI's entries)
+        go to a template that renders them; one that does not gets them in a system
+        message (Hermes' words, which tool_calls.py parses)."""
         if not (chat_template or self.has_chat_template):
             raise ValueError("this model has no chat template; pass chat_template or use prompts")
         try:
             template = self.hf.get_chat_template(chat_template)  # a name picks one of several
+            if tools and "tools" not in template:
+                messages = _with_tools_prompt(messages, tools)
+                tools = None
             variables = template_variables(
-                messages, add_generation_prompt, self.hf.special_tokens_map
+                messages, add_generation_prompt, self.hf.special_tokens_map, tools
             )
             return render_template(template, variables)
         except Exception as e:  # a template's own error (raise_exception, sandbox refusals, limits)
@@ -158,6 +164,16 @@ class Tokenizer:
         """Token ids of a rendered conversation; the template itself places special tokens."""
         text = self.apply_chat_template(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
+
+
+def _with_tools_prompt(messages: list[Message], tools: list[dict[str, Any]]) -> list[Message]:
+    """The conversation with the tools described in its system message (added if none)."""
+    prompt = tools_system_prompt(tools)
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first.get('content') or ''}\n\n{prompt}".lstrip()
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
 
 
 def load_tokenizer(model: str | Path | None) -> Tokenizer:

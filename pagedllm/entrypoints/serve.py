@@ -6,6 +6,7 @@ import argparse
 import os
 
 from pagedllm.entrypoints.cli_args import HelpFormatter, add_engine_args, add_model_arg
+from pagedllm.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
 
 # Big enough for a prompt filling a 128k-token context (about 0.5 MB of text) several
 # times over, or its token ids as JSON; small enough that a flood of bodies cannot
@@ -42,6 +43,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         metavar="NAME",
         help="model name(s) the API answers to; the first is reported "
         "(default: the MODEL argument, or the default model's file name)",
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default="hermes",
+        help="how a chat answer's tool calls are read when tool_choice is auto: hermes "
+        "(<tool_call>{...}</tool_call>, Hermes and Qwen) or llama3_json (Llama 3's JSON)",
     )
     server.add_argument(
         "--allowed-origins",

@@ -170,3 +170,42 @@ def test_bad_constraints_are_400s_naming_structured_outputs(client, extra, messa
         client.completions.create(model=MODEL, prompt="x", max_tokens=5, extra_body=extra)
     assert message in info.value.body["message"]
     assert info.value.body["param"] == "structured_outputs"
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "value"),
+    [
+        ("chat", "audio", {"voice": "alloy", "format": "wav"}),
+        ("chat", "modalities", ["text", "audio"]),
+        ("chat", "functions", [{"name": "f", "parameters": {}}]),
+        ("chat", "function_call", "auto"),
+        ("chat", "web_search_options", {}),
+        ("chat", "prediction", {"type": "content", "content": "x"}),
+        ("completions", "store", True),
+        ("completions", "service_tier", "flex"),
+    ],
+)
+def test_openai_fields_not_implemented_are_refused_by_name(client, route, field, value):
+    """No silent ignoring: a field of OpenAI's API pagedllm does not implement is a 400
+    that names it (null, and modalities ["text"], are accepted)."""
+    with pytest.raises(openai.BadRequestError) as info:
+        if route == "chat":
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=2,
+                extra_body={field: value},
+            )
+        else:
+            client.completions.create(
+                model=MODEL, prompt="x", max_tokens=2, extra_body={field: value}
+            )
+    assert info.value.body["param"] == field
+    assert "not supported" in info.value.body["message"]
+    ok = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=2,
+        extra_body={"modalities": ["text"], "store": None},
+    )
+    assert ok.choices[0].message.content is not None

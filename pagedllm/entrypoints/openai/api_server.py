@@ -149,6 +149,7 @@ def build_app(
     allowed_hosts: Collection[str] | None = None,
     webui_dir: Path = WEBUI_DIR,
     drain: Drain | None = None,
+    tool_call_parser: str = "hermes",
 ) -> FastAPI:
     """A FastAPI app serving `llm` under the given model names (the first is the default).
 
@@ -177,7 +178,7 @@ def build_app(
     registry = CollectorRegistry()
     llm.add_stat_logger(PrometheusMetrics(registry, served_model_names[0]))
     completions = CompletionServing(llm, served_model_names)
-    chat = ChatServing(llm, served_model_names)
+    chat = ChatServing(llm, served_model_names, tool_call_parser=tool_call_parser)
     embeddings = EmbeddingServing(llm, served_model_names)
     app.state.llm = llm
     app.state.registry = registry
@@ -352,6 +353,7 @@ def run_server(args: argparse.Namespace) -> int:
         allowed_origins=args.allowed_origins or (),
         allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
         drain=drain,
+        tool_call_parser=args.tool_call_parser,
     )
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)
     # SIGTERM or Ctrl-C drains (see drain.py): at the drain timeout the engine stops,

@@ -8,6 +8,7 @@ vLLM's extra sampling fields (`top_k`, `min_p`, `repetition_penalty`, ...).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +30,7 @@ MAX_SEQUENCES_PER_REQUEST = 512
 # A conversation's messages, and their content parts all together.
 MAX_MESSAGES = 4096
 MAX_CONTENT_PARTS = 8192
+MAX_TOOLS = 128
 
 # Lists are bounded in the schema, so validation refuses an over-long one from its
 # length before looking at its items, and stops at the first bad item (fail_fast)
@@ -202,7 +204,7 @@ class _SamplingFields(_Body):
             values["structured_outputs"] = self._constraint()
         except ValueError as e:
             message = str(e)
-            if not message.startswith("structured_outputs"):
+            if not message.startswith(("structured_outputs", "tool_choice")):
                 message = f"structured_outputs: {message}"
             raise ValueError(message) from None
         return SamplingParams(**values)  # type: ignore[arg-type]
@@ -233,8 +235,42 @@ SAMPLING_PARAM_NAMES = (
 )
 
 
+def _refuse(fields: dict[str, str]) -> Any:
+    """A before-validator refusing OpenAI fields pagedllm does not implement (set to
+    anything but null), each with why, so that no client silently loses what it asked."""
+
+    def check(data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, why in fields.items():
+                if data.get(name) is not None and not (
+                    name == "modalities" and data[name] == ["text"]
+                ):
+                    raise ValueError(f"{name}: not supported ({why})")
+        return data
+
+    return model_validator(mode="before")(check)
+
+
+_UNSUPPORTED_COMMON = {
+    "prediction": "predicted outputs are not implemented",
+    "service_tier": "there is one tier",
+    "store": "responses are not stored",
+    "metadata": "responses are not stored",
+}
+_UNSUPPORTED_CHAT = {
+    **_UNSUPPORTED_COMMON,
+    "audio": "the models served here read and write text only",
+    "modalities": 'only ["text"]',
+    "functions": "use tools (functions is OpenAI's deprecated form)",
+    "function_call": "use tool_choice (function_call is OpenAI's deprecated form)",
+    "web_search_options": "there is no web search",
+}
+
+
 class CompletionRequest(_SamplingFields):
     """`POST /v1/completions`."""
+
+    _unsupported = _refuse(_UNSUPPORTED_COMMON)
 
     prompt: Prompt
     max_tokens: int | None = 16
@@ -271,18 +307,76 @@ class TextContent(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallItem(_Body):
+    """A call an assistant made, as a conversation sends it back."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContent] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallItem], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: str | None = None
 
-    def to_template(self) -> dict[str, str]:
-        """The message as the chat template reads it: text content, `developer` as `system`."""
+    def to_template(self) -> dict[str, Any]:
+        """The message as the chat template reads it: text content, `developer` as `system`,
+        a call's arguments as an object (what Hugging Face templates expect)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": _json_or_text(call)},
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            message["name"] = self.name
+        return message
+
+
+def _json_or_text(call: ToolCallItem) -> Any:
+    try:
+        return json.loads(call.function.arguments)
+    except ValueError:
+        return call.function.arguments
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 def _check_conversation_size(data: Any) -> Any:
@@ -305,6 +399,7 @@ class ChatCompletionRequest(_SamplingFields):
     """`POST /v1/chat/completions`."""
 
     _check_size = model_validator(mode="before")(_check_conversation_size)
+    _unsupported = _refuse(_UNSUPPORTED_CHAT)
 
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -312,6 +407,45 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+
+    def tool_mode(self) -> str:
+        """ "none" (no tools offered), "auto", "required", or "named"."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice is not None and choice != "none":
+                raise ValueError("tool_choice needs tools")
+            return "none"
+        if choice is None:
+            return "auto"
+        return "named" if isinstance(choice, NamedToolChoice) else choice
+
+    def tool_functions(self) -> list[dict[str, Any]]:
+        return [tool.function.model_dump(exclude_none=True) for tool in self.tools or ()]
+
+    def named_function(self) -> dict[str, Any]:
+        assert isinstance(self.tool_choice, NamedToolChoice)
+        name = self.tool_choice.function.name
+        for function in self.tool_functions():
+            if function["name"] == name:
+                return function
+        raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+
+    def _constraint(self) -> StructuredOutputsParams | None:
+        """A forced call's grammar ("required", a named function), else the body's own."""
+        from pagedllm.entrypoints.openai.tool_calls import named_schema, required_schema
+
+        mode = self.tool_mode()
+        if mode not in ("required", "named"):
+            return super()._constraint()
+        if super()._constraint() is not None:
+            raise ValueError(f"structured_outputs: tool_choice {mode!r} sets the output's shape")
+        if mode == "named":
+            return StructuredOutputsParams(json=named_schema(self.named_function()))
+        schema = required_schema(self.tool_functions(), self.parallel_tool_calls is not False)
+        return StructuredOutputsParams(json=schema)
 
     def to_sampling_params(self) -> SamplingParams:
         if not self.messages:

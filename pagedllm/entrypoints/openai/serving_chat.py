@@ -32,9 +32,24 @@ from pagedllm.entrypoints.openai.serving_base import (
     top_entries,
     usage,
 )
+from pagedllm.entrypoints.openai.tool_calls import (
+    TOOL_CALL_PARSERS,
+    ContentHoldback,
+    ToolCall,
+    new_call_id,
+    parse_auto,
+    parse_required,
+)
 from pagedllm.outputs import Logprob
 
-_PARAMS = (*SAMPLING_PARAM_NAMES, "messages", "top_logprobs", "max_completion_tokens")
+_PARAMS = (
+    *SAMPLING_PARAM_NAMES,
+    "messages",
+    "top_logprobs",
+    "max_completion_tokens",
+    "tool_choice",
+    "tools",
+)
 
 
 @dataclass
@@ -47,17 +62,41 @@ class _Choice:
 
 
 class ChatServing(OpenAIServing):
-    """Builds OpenAI `chat.completion` responses and chunks from engine deltas."""
+    """Builds OpenAI `chat.completion` responses and chunks from engine deltas; with
+    tools, parses the answers' calls into `tool_calls` (tool_calls.py)."""
+
+    def __init__(self, *args: Any, tool_call_parser: str = "hermes", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got {tool_call_parser!r}"
+            )
+        self.tool_call_parser = tool_call_parser
+
+    def _calls(self, body: ChatCompletionRequest, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of one finished answer under the body's tool mode."""
+        mode = body.tool_mode()
+        if mode == "none":
+            return text, []
+        if mode == "named":
+            return None, [ToolCall(body.named_function()["name"], text)]
+        if mode == "required":
+            return None, parse_required(text)
+        return parse_auto(text, self.tool_call_parser)
 
     async def render(self, body: ChatCompletionRequest) -> list[int]:
         """The conversation's prompt token ids (ValueError when the template refuses it)."""
         if not body.messages:
             raise ValueError("messages must not be empty")
 
+        tools = None
+        if body.tool_mode() != "none":
+            tools = [{"type": "function", "function": f} for f in body.tool_functions()]
+
         def encode() -> list[int]:
             messages = [m.to_template() for m in body.messages]
             text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt is not False
+                messages, add_generation_prompt=body.add_generation_prompt is not False, tools=tools
             )
             return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -106,16 +145,24 @@ class ChatServing(OpenAIServing):
                 if num is not None:
                     choice.logprobs += self._logprobs(c.token_ids, c.logprobs or [], num)
                 choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
-        out = [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": choice.text},
-                "logprobs": None if num is None else {"content": choice.logprobs},
-                "finish_reason": choice.finish_reason,
-                "stop_reason": choice.stop_reason,
-            }
-            for index, choice in enumerate(choices)
-        ]
+        out = []
+        for index, choice in enumerate(choices):
+            content, calls = self._calls(body, choice.text)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            finish_reason = choice.finish_reason
+            if calls:
+                message["tool_calls"] = [call.to_openai(new_call_id()) for call in calls]
+                if finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            out.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": None if num is None else {"content": choice.logprobs},
+                    "finish_reason": finish_reason,
+                    "stop_reason": choice.stop_reason,
+                }
+            )
         num_completion = sum(c.num_tokens for c in choices)
         return JSONResponse(
             {
@@ -138,6 +185,7 @@ class ChatServing(OpenAIServing):
         if body.include_usage:
             base["usage"] = None
         num_completion = cached = 0
+        tools = _StreamedCalls(self, body)
         try:
             for index in range(body.n or 1):
                 first = {"role": "assistant", "content": ""}
@@ -151,12 +199,16 @@ class ChatServing(OpenAIServing):
                     logprobs = None
                     if num is not None:
                         logprobs = {"content": self._logprobs(c.token_ids, c.logprobs or [], num)}
+                    finish_reason = c.finish_reason
+                    delta_body, made_calls = tools.feed(c.index, c.text, finish_reason is not None)
+                    if made_calls and finish_reason == "stop":
+                        finish_reason = "tool_calls"
                     choices.append(
                         {
                             "index": c.index,
-                            "delta": {"content": c.text} if c.text else {},
+                            "delta": delta_body,
                             "logprobs": logprobs,
-                            "finish_reason": c.finish_reason,
+                            "finish_reason": finish_reason,
                             "stop_reason": c.stop_reason,
                         }
                     )
@@ -195,3 +247,56 @@ class ChatServing(OpenAIServing):
                 }
             )
         return out
+
+
+class _StreamedCalls:
+    """Turns each choice's text deltas into chat deltas under the body's tool mode: plain
+    content; a named function's arguments as they come; a forced ("required") answer's
+    calls at its end; an "auto" answer's content up to its first call, then its calls."""
+
+    def __init__(self, serving: ChatServing, body: ChatCompletionRequest) -> None:
+        self.serving = serving
+        self.body = body
+        self.mode = body.tool_mode()
+        self.texts: dict[int, str] = {}
+        self.holdbacks: dict[int, ContentHoldback] = {}
+        self.started: set[int] = set()
+
+    def feed(self, index: int, text: str, finished: bool) -> tuple[dict[str, Any], bool]:
+        """(the chunk's delta, whether the choice made calls) for one output delta."""
+        mode = self.mode
+        if mode == "none":
+            return ({"content": text} if text else {}), False
+        self.texts[index] = self.texts.get(index, "") + text
+        if mode == "named":
+            return self._named(index, text), True
+        delta: dict[str, Any] = {}
+        if mode == "auto":
+            holdback = self.holdbacks.setdefault(
+                index, ContentHoldback(self.serving.tool_call_parser)
+            )
+            content = holdback.feed(text)
+            if finished:
+                _, calls = self.serving._calls(self.body, self.texts[index])
+                content += holdback.flush(bool(calls))
+            if content:
+                delta["content"] = content
+        if not finished:
+            return delta, False
+        _, calls = self.serving._calls(self.body, self.texts[index])
+        if calls:
+            delta["tool_calls"] = [
+                {"index": i, **call.to_openai(new_call_id())} for i, call in enumerate(calls)
+            ]
+        return delta, bool(calls)
+
+    def _named(self, index: int, text: str) -> dict[str, Any]:
+        call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
+        if index not in self.started:  # the first chunk names the call
+            self.started.add(index)
+            name = self.body.named_function()["name"]
+            call = {"index": 0, "id": new_call_id(), "type": "function",
+                    "function": {"name": name, "arguments": text}}  # fmt: skip
+        elif not text:
+            return {}
+        return {"tool_calls": [call]}
