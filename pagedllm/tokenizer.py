@@ -141,11 +141,13 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         tools: list[dict[str, Any]] | None = None,
+        extra_variables: dict[str, Any] | None = None,
     ) -> str:
         """Render a conversation with the model's template (or `chat_template`), sandboxed and
         bounded in time and size (see `pagedllm.chat_template`). `tools` (OpenAI's entries)
         go to a template that renders them; one that does not gets them in a system
-        message (Hermes' words, which tool_calls.py parses)."""
+        message (Hermes' words, which tool_calls.py parses). `extra_variables` are more
+        variables for the template (vLLM's chat_template_kwargs, e.g. enable_thinking)."""
         if not (chat_template or self.has_chat_template):
             raise ValueError("this model has no chat template; pass chat_template or use prompts")
         try:
@@ -156,6 +158,11 @@ class Tokenizer:
             variables = template_variables(
                 messages, add_generation_prompt, self.hf.special_tokens_map, tools
             )
+            if extra_variables:  # vLLM's chat_template_kwargs: never the conversation itself
+                reserved = set(variables) & set(extra_variables)
+                if reserved:
+                    raise ValueError(f"chat_template_kwargs may not set {sorted(reserved)}")
+                variables = {**variables, **extra_variables}
             return render_template(template, variables)
         except Exception as e:  # a template's own error (raise_exception, sandbox refusals, limits)
             raise ValueError(f"chat template failed: {e}") from e

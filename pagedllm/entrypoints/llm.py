@@ -55,14 +55,20 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Reply to one conversation or a list of them, rendered with the chat template."""
+        """Reply to one conversation or a list of them, rendered with the chat template
+        (`chat_template_kwargs`: more variables for it, as vLLM's)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts: list[PromptType] = []
         for conversation in conversations:
             if not conversation:
                 raise ValueError("messages must not be empty")
-            text = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt)  # type: ignore[arg-type]
+            text = self.engine.tokenizer.apply_chat_template(
+                conversation,  # type: ignore[arg-type]
+                add_generation_prompt,
+                extra_variables=chat_template_kwargs,
+            )
             prompts.append(
                 {
                     "prompt_token_ids": self.engine.tokenizer.encode(

@@ -183,6 +183,7 @@ def test_bad_constraints_are_400s_naming_structured_outputs(client, extra, messa
         ("chat", "prediction", {"type": "content", "content": "x"}),
         ("completions", "store", True),
         ("completions", "service_tier", "flex"),
+        ("completions", "use_beam_search", True),
     ],
 )
 def test_openai_fields_not_implemented_are_refused_by_name(client, route, field, value):
@@ -206,6 +207,6 @@ def test_openai_fields_not_implemented_are_refused_by_name(client, route, field,
         model=MODEL,
         messages=[{"role": "user", "content": "x"}],
         max_tokens=2,
-        extra_body={"modalities": ["text"], "store": None},
+        extra_body={"modalities": ["text"], "store": None, "use_beam_search": False},
     )
     assert ok.choices[0].message.content is not None

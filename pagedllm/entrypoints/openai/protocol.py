@@ -128,6 +128,8 @@ class _SamplingFields(_Body):
     stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # vLLM's: the top-k logprobs of every prompt token (non-streaming responses only)
+    prompt_logprobs: int | None = None
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its
     # older guided_* fields (one of them at most)
     response_format: ResponseFormat | None = None
@@ -236,15 +238,15 @@ SAMPLING_PARAM_NAMES = (
 
 
 def _refuse(fields: dict[str, str]) -> Any:
-    """A before-validator refusing OpenAI fields pagedllm does not implement (set to
-    anything but null), each with why, so that no client silently loses what it asked."""
+    """A before-validator refusing fields pagedllm does not implement (set to anything but
+    null or false; `modalities` also ["text"]), each with why, so that no client silently
+    loses what it asked."""
 
     def check(data: Any) -> Any:
         if isinstance(data, dict):
             for name, why in fields.items():
-                if data.get(name) is not None and not (
-                    name == "modalities" and data[name] == ["text"]
-                ):
+                value = data.get(name)
+                if value is not None and value is not False and value != ["text"]:
                     raise ValueError(f"{name}: not supported ({why})")
         return data
 
@@ -256,6 +258,8 @@ _UNSUPPORTED_COMMON = {
     "service_tier": "there is one tier",
     "store": "responses are not stored",
     "metadata": "responses are not stored",
+    # vLLM's; beam search runs through LLM.beam_search, not yet in the server's step loop
+    "use_beam_search": "beam search is offline only (LLM.beam_search)",
 }
 _UNSUPPORTED_CHAT = {
     **_UNSUPPORTED_COMMON,
@@ -291,6 +295,7 @@ class CompletionRequest(_SamplingFields):
         return prompts
 
     def to_sampling_params(self) -> SamplingParams:
+        self.check_prompt_logprobs()
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != (self.n or 1):
@@ -299,7 +304,13 @@ class CompletionRequest(_SamplingFields):
             )
         # echo with logprobs also scores the prompt, as OpenAI does
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = max(self.prompt_logprobs, prompt_logprobs or 0)
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
+
+    def check_prompt_logprobs(self) -> None:
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not supported with stream (as in vLLM)")
 
 
 class TextContent(_Body):
@@ -407,6 +418,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True
+    # vLLM's: extra variables for the chat template (e.g. enable_thinking)
+    chat_template_kwargs: dict[str, Any] | None = None
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
@@ -458,7 +471,9 @@ class ChatCompletionRequest(_SamplingFields):
         if max_tokens is None:
             max_tokens = self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not supported with stream (as in vLLM)")
+        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
 
 
 class TokenizeRequest(_Body):

@@ -225,6 +225,28 @@ def token_text(token_id: int, lp: Logprob | None, tokenizer: Any) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+def prompt_logprobs_json(
+    entries: list[dict[int, Logprob] | None] | None, tokenizer: Any
+) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first, which nothing
+    predicts) its id's and the top ids' logprob, rank and text, keyed by id."""
+    if entries is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {
+            str(token_id): {
+                "logprob": finite(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": token_text(token_id, lp, tokenizer),
+            }
+            for token_id, lp in entry.items()
+        }
+        for entry in entries
+    ]
+
+
 def sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"

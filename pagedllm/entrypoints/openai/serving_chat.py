@@ -25,6 +25,7 @@ from pagedllm.entrypoints.openai.serving_base import (
     finite,
     new_id,
     now_s,
+    prompt_logprobs_json,
     split_endings,
     sse,
     sse_error,
@@ -49,6 +50,7 @@ _PARAMS = (
     "max_completion_tokens",
     "tool_choice",
     "tools",
+    "chat_template_kwargs",
 )
 
 
@@ -96,7 +98,10 @@ class ChatServing(OpenAIServing):
         def encode() -> list[int]:
             messages = [m.to_template() for m in body.messages]
             text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt is not False, tools=tools
+                messages,
+                add_generation_prompt=body.add_generation_prompt is not False,
+                tools=tools,
+                extra_variables=body.chat_template_kwargs,
             )
             return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -136,8 +141,11 @@ class ChatServing(OpenAIServing):
     ) -> Response:
         choices = [_Choice() for _ in range(body.n or 1)]
         cached = 0
+        prompt_logprobs = None
         async for _, delta in self.merged([stream]):
             cached = delta.num_cached_tokens
+            if delta.prompt_logprobs is not None:
+                prompt_logprobs = delta.prompt_logprobs
             for c in delta.outputs:
                 choice = choices[c.index]
                 choice.text += c.text
@@ -164,14 +172,15 @@ class ChatServing(OpenAIServing):
                 }
             )
         num_completion = sum(c.num_tokens for c in choices)
-        return JSONResponse(
-            {
-                **header,
-                "object": "chat.completion",
-                "choices": out,
-                "usage": usage(num_prompt, num_completion, cached),
-            }
-        )
+        response = {
+            **header,
+            "object": "chat.completion",
+            "choices": out,
+            "usage": usage(num_prompt, num_completion, cached),
+        }
+        if body.prompt_logprobs is not None:
+            response["prompt_logprobs"] = prompt_logprobs_json(prompt_logprobs, self.tokenizer)
+        return JSONResponse(response)
 
     async def _stream(
         self,

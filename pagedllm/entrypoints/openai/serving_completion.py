@@ -21,6 +21,7 @@ from pagedllm.entrypoints.openai.serving_base import (
     finite,
     new_id,
     now_s,
+    prompt_logprobs_json,
     split_endings,
     sse,
     sse_error,
@@ -115,15 +116,16 @@ class CompletionServing(OpenAIServing):
                 text = prompt.text + text
                 ids = prompt.token_ids + ids
                 lps = (prompt.logprobs or [None] * len(prompt.token_ids)) + lps
-            out.append(
-                {
-                    "index": index,
-                    "text": text,
-                    "logprobs": None if num is None else self._logprobs(ids, lps, num, 0),
-                    "finish_reason": choice.finish_reason,
-                    "stop_reason": choice.stop_reason,
-                }
-            )
+            entry = {
+                "index": index,
+                "text": text,
+                "logprobs": None if num is None else self._logprobs(ids, lps, num, 0),
+                "finish_reason": choice.finish_reason,
+                "stop_reason": choice.stop_reason,
+            }
+            if body.prompt_logprobs is not None:
+                entry["prompt_logprobs"] = prompt_logprobs_json(prompt.logprobs, self.tokenizer)
+            out.append(entry)
         num_prompt = sum(len(p.token_ids) for p in prompts)
         num_completion = sum(len(c.token_ids) for c in choices)
         return JSONResponse(
