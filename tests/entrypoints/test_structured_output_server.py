@@ -210,3 +210,15 @@ def test_openai_fields_not_implemented_are_refused_by_name(client, route, field,
         extra_body={"modalities": ["text"], "store": None, "use_beam_search": False},
     )
     assert ok.choices[0].message.content is not None
+
+
+def test_vllm_fields_are_documented_in_the_openapi_schema(server):
+    import httpx
+
+    schemas = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
+    for body in ("ChatCompletionRequest", "CompletionRequest"):
+        properties = schemas[body]["properties"]
+        for field in ("top_k", "min_p", "structured_outputs", "guided_json", "prompt_logprobs"):
+            assert properties[field]["description"].startswith("vLLM"), (body, field)
+    assert "chat_template_kwargs" in schemas["ChatCompletionRequest"]["properties"]
+    assert "tools" in schemas["ChatCompletionRequest"]["properties"]

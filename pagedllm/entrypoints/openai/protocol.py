@@ -49,7 +49,7 @@ Prompt = (
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, use_attribute_docstrings=True)
 
 
 class StreamOptions(_Body):
@@ -119,25 +119,39 @@ class _SamplingFields(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # vLLM's extensions
+    # vLLM's extensions, documented in the OpenAPI schema by their docstrings
     top_k: int | None = None
+    """vLLM: sample from the k most likely tokens only (0 or -1: all)."""
     min_p: float | None = None
+    """vLLM: drop tokens less likely than min_p times the most likely one."""
     repetition_penalty: float | None = None
+    """vLLM: divide (or multiply) the logits of tokens seen in the prompt or output."""
     min_tokens: int | None = None
+    """vLLM: no EOS or stop token before this many tokens."""
     ignore_eos: bool | None = None
+    """vLLM: generate past EOS, up to max_tokens."""
     stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    """vLLM: token ids that end the output, as EOS does."""
     include_stop_str_in_output: bool | None = None
+    """vLLM: keep the stop string that ended the output in its text."""
     skip_special_tokens: bool | None = None
-    # vLLM's: the top-k logprobs of every prompt token (non-streaming responses only)
+    """vLLM: leave special tokens out of the text (default true)."""
     prompt_logprobs: int | None = None
+    """vLLM: the top-k logprobs of every prompt token (not with stream)."""
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its
     # older guided_* fields (one of them at most)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    """vLLM: constrain the output to a JSON schema, any JSON object, a regex, a choice or
+    a grammar (Lark/EBNF or GBNF): exactly one."""
     guided_json: dict[str, Any] | str | None = None
+    """vLLM (older form of structured_outputs.json): a JSON schema for the output."""
     guided_regex: str | None = None
+    """vLLM (older form of structured_outputs.regex): a regular expression."""
     guided_choice: Annotated[list[str], Field(max_length=1024)] | None = None
+    """vLLM (older form of structured_outputs.choice): one of these strings."""
     guided_grammar: str | None = None
+    """vLLM (older form of structured_outputs.grammar): a Lark/EBNF or GBNF grammar."""
 
     @property
     def include_usage(self) -> bool:
@@ -418,8 +432,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True
-    # vLLM's: extra variables for the chat template (e.g. enable_thinking)
     chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM: more variables for the chat template (e.g. enable_thinking)."""
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
