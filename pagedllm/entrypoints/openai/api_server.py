@@ -40,13 +40,16 @@ from pagedllm.entrypoints.openai.openapi import SSE_OR_JSON, describe_bodies, er
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    CountTokensRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    MessagesRequest,
     TokenizeRequest,
 )
 from pagedllm.entrypoints.openai.serving_chat import ChatServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
 from pagedllm.entrypoints.openai.serving_embedding import EmbeddingServing
+from pagedllm.entrypoints.openai.serving_messages import MessagesServing
 from pagedllm.entrypoints.serve import DEFAULT_MAX_BODY_BYTES
 from pagedllm.metrics import PrometheusMetrics, StatsLine
 
@@ -179,6 +182,7 @@ def build_app(
     llm.add_stat_logger(PrometheusMetrics(registry, served_model_names[0]))
     completions = CompletionServing(llm, served_model_names)
     chat = ChatServing(llm, served_model_names, tool_call_parser=tool_call_parser)
+    messages = MessagesServing(llm, served_model_names)
     embeddings = EmbeddingServing(llm, served_model_names)
     app.state.llm = llm
     app.state.registry = registry
@@ -224,6 +228,14 @@ def build_app(
     @app.post("/v1/chat/completions", responses=generation_errors)
     async def create_chat_completion(request: Request) -> Response:
         return await chat.create(await parse(request, ChatCompletionRequest), request)
+
+    @app.post("/v1/messages", responses=generation_errors)
+    async def create_message(request: Request) -> Response:
+        return await messages.create_message(await parse(request, MessagesRequest), request)
+
+    @app.post("/v1/messages/count_tokens", responses=model_errors)
+    async def count_message_tokens(request: Request) -> JSONResponse:
+        return await messages.count_tokens(await parse(request, CountTokensRequest))
 
     @app.post("/v1/embeddings", responses=error_responses(400, 401, 404, 413, 503))
     async def create_embedding(request: Request) -> Response:
@@ -276,6 +288,8 @@ def build_app(
         {
             "/v1/completions": CompletionRequest,
             "/v1/chat/completions": ChatCompletionRequest,
+            "/v1/messages": MessagesRequest,
+            "/v1/messages/count_tokens": CountTokensRequest,
             "/v1/embeddings": EmbeddingRequest,
             "/tokenize": TokenizeRequest,
             "/detokenize": DetokenizeRequest,

@@ -59,7 +59,13 @@ class APIError(Exception):
         self.code = code
         self.type = err_type or _TYPES.get(status, "invalid_request_error")
 
-    def body(self) -> dict[str, Any]:
+    def body(self, anthropic: bool = False) -> dict[str, Any]:
+        """OpenAI's error object, or Anthropic's (for its Messages API's routes)."""
+        if anthropic:
+            kind = _ANTHROPIC_TYPES.get(self.status)
+            if kind is None:
+                kind = "api_error" if self.status >= 500 else "invalid_request_error"
+            return {"type": "error", "error": {"type": kind, "message": self.message}}
         return {
             "error": {
                 "message": self.message,
@@ -69,9 +75,28 @@ class APIError(Exception):
             }
         }
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+    def response(
+        self, headers: dict[str, str] | None = None, anthropic: bool = False
+    ) -> JSONResponse:
         headers = {**(self.headers or {}), **(headers or {})}
-        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
+        return JSONResponse(self.body(anthropic), status_code=self.status, headers=headers or None)
+
+
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors)
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_route(path: str) -> bool:
+    """Whether `path` is Anthropic's Messages API, whose errors take Anthropic's shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def bad_request(error: ValueError, params: tuple[str, ...] = ()) -> APIError:
@@ -131,29 +156,31 @@ def _loc(error: Any) -> tuple:
 def install_error_handlers(app: FastAPI) -> None:
     """Turn every exception a route can raise into OpenAI's error shape."""
 
-    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
-        return exc.response()
+        return exc.response(anthropic=anthropic_route(request.url.path))
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, message or str(exc.detail)).response(exc.headers)
+        error = APIError(exc.status_code, message or str(exc.detail))
+        return error.response(exc.headers, anthropic=anthropic_route(request.url.path))
 
-    async def invalid(_: Request, exc: Exception) -> JSONResponse:
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError | ValidationError)
-        return validation_error(exc).response()
+        return validation_error(exc).response(anthropic=anthropic_route(request.url.path))
 
-    async def too_large(_: Request, exc: Exception) -> JSONResponse:
-        return _too_large(str(exc)).response({"Connection": "close"})
+    async def too_large(request: Request, exc: Exception) -> JSONResponse:
+        anthropic = anthropic_route(request.url.path)
+        return _too_large(str(exc)).response({"Connection": "close"}, anthropic=anthropic)
 
     async def client_left(_: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # left before its body was read: nobody to answer
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Engine failures (RequestFailedError, EngineDeadError) and bugs: still
         # OpenAI's shape rather than a plain-text 500. Starlette logs the traceback.
-        return from_exception(exc).response()
+        return from_exception(exc).response(anthropic=anthropic_route(request.url.path))
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(Exception, unexpected)
@@ -206,7 +233,7 @@ class GuardMiddleware:
         error = self._refusal(scope["method"], scope["path"], headers)
         if error is not None:
             extra = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-            await send_error(send, error, extra)
+            await send_error(send, error, extra, anthropic=anthropic_route(scope["path"]))
             return
         received = 0
 
@@ -244,7 +271,9 @@ class GuardMiddleware:
                 )
         guarded_path = path.startswith(self.guarded_prefixes)
         keyed = guarded_path and self.api_key is not None
-        if keyed and not self._authorized(headers.get(b"authorization", b"")):
+        if keyed and not self._authorized(
+            headers.get(b"authorization", b""), headers.get(b"x-api-key")
+        ):
             return APIError(401, "invalid or missing API key", code="invalid_api_key")
         if guarded_path and method == "POST":
             media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
@@ -257,8 +286,11 @@ class GuardMiddleware:
                 )
         return None
 
-    def _authorized(self, header: bytes) -> bool:
+    def _authorized(self, header: bytes, x_api_key: bytes | None = None) -> bool:
+        """`Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`."""
         assert self.api_key is not None
+        if x_api_key is not None and hmac.compare_digest(x_api_key.strip(), self.api_key):
+            return True
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer":
             token = b""
@@ -274,8 +306,10 @@ def host_name(host: str) -> str:
     return name.removesuffix(".")
 
 
-async def send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(error.body()).encode()
+async def send_error(
+    send: Send, error: APIError, headers: dict[str, str] | None = None, anthropic: bool = False
+) -> None:
+    body = json.dumps(error.body(anthropic)).encode()
     raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

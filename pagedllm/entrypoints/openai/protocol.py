@@ -547,3 +547,76 @@ def prompt_list(value: str | list[str] | list[int] | list[list[int]], name: str)
     if isinstance(value[0], int):
         return [value]
     return list(value)
+
+
+class AnthropicTextBlock(_Body):
+    type: Literal["text"]
+    text: str
+
+
+AnthropicContent = str | Annotated[list[AnthropicTextBlock], Field(max_length=MAX_CONTENT_PARTS)]
+
+
+class AnthropicMessage(_Body):
+    role: Literal["user", "assistant"]
+    content: AnthropicContent
+
+    def text(self) -> str:
+        return _block_text(self.content)
+
+
+def _block_text(content: AnthropicContent | None) -> str:
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(b.text for b in content)
+
+
+class MessagesRequest(_Body):
+    """`POST /v1/messages`: Anthropic's Messages API (text content blocks)."""
+
+    _check_size = model_validator(mode="before")(_check_conversation_size)
+
+    model: str | None = None
+    max_tokens: int
+    messages: list[AnthropicMessage]
+    system: AnthropicContent | None = None
+    stop_sequences: StopStrings | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stream: bool | None = False
+    metadata: dict[str, Any] | None = None  # Anthropic's user_id tag: nothing to do with it
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The same conversation as a chat completion: one path into the engine."""
+        messages: list[dict[str, Any]] = []
+        if self.system:
+            messages.append({"role": "system", "content": _block_text(self.system)})
+        messages += [{"role": m.role, "content": m.text()} for m in self.messages]
+        fields: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.max_tokens,
+            "stream": bool(self.stream),
+        }
+        for name in ("temperature", "top_p", "top_k"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        if self.stop_sequences:
+            fields["stop"] = self.stop_sequences
+        return ChatCompletionRequest.model_validate(fields)
+
+
+class CountTokensRequest(_Body):
+    """`POST /v1/messages/count_tokens`."""
+
+    _check_size = model_validator(mode="before")(_check_conversation_size)
+
+    model: str | None = None
+    messages: list[AnthropicMessage]
+    system: AnthropicContent | None = None
+
+    def to_chat(self) -> ChatCompletionRequest:
+        return MessagesRequest(
+            model=self.model, max_tokens=1, messages=self.messages, system=self.system
+        ).to_chat()

@@ -42,6 +42,7 @@ from pagedllm.entrypoints.openai.tool_calls import (
     parse_required,
 )
 from pagedllm.outputs import Logprob
+from pagedllm.sampling_params import SamplingParams
 
 _PARAMS = (
     *SAMPLING_PARAM_NAMES,
@@ -108,14 +109,22 @@ class ChatServing(OpenAIServing):
         # Always off the loop: a template's cost depends on the template, not on the text.
         return await asyncio.to_thread(encode)
 
-    async def create(self, body: ChatCompletionRequest, raw: Request) -> Response:
-        model = self.check_model(body.model)
+    async def engine_input(
+        self, body: ChatCompletionRequest, params_named: tuple[str, ...] = _PARAMS
+    ) -> tuple[SamplingParams, list[int]]:
+        """The one place a conversation becomes engine input (chat, and Anthropic's
+        messages): its sampling params and prompt ids, checked; 400 naming the field."""
         try:
             params = body.to_sampling_params()
             prompt_ids = await self.render(body)
         except ValueError as e:
-            raise bad_request(e, _PARAMS) from e
+            raise bad_request(e, params_named) from e
         self.check_length(len(prompt_ids), params, "messages")
+        return params, prompt_ids
+
+    async def create(self, body: ChatCompletionRequest, raw: Request) -> Response:
+        model = self.check_model(body.model)
+        params, prompt_ids = await self.engine_input(body)
         request_id = new_id("chatcmpl")
         (stream,) = await self.start(request_id, [prompt_ids], params)
         header = {
