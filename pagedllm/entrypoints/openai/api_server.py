@@ -44,12 +44,14 @@ from pagedllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
     EmbeddingRequest,
     MessagesRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 from pagedllm.entrypoints.openai.serving_chat import ChatServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
 from pagedllm.entrypoints.openai.serving_embedding import EmbeddingServing
 from pagedllm.entrypoints.openai.serving_messages import MessagesServing
+from pagedllm.entrypoints.openai.serving_responses import ResponsesServing
 from pagedllm.entrypoints.serve import DEFAULT_MAX_BODY_BYTES
 from pagedllm.metrics import PrometheusMetrics, StatsLine
 
@@ -183,6 +185,7 @@ def build_app(
     completions = CompletionServing(llm, served_model_names)
     chat = ChatServing(llm, served_model_names, tool_call_parser=tool_call_parser)
     messages = MessagesServing(llm, served_model_names)
+    responses = ResponsesServing(llm, served_model_names, tool_call_parser=tool_call_parser)
     embeddings = EmbeddingServing(llm, served_model_names)
     app.state.llm = llm
     app.state.registry = registry
@@ -228,6 +231,14 @@ def build_app(
     @app.post("/v1/chat/completions", responses=generation_errors)
     async def create_chat_completion(request: Request) -> Response:
         return await chat.create(await parse(request, ChatCompletionRequest), request)
+
+    @app.post("/v1/responses", responses=generation_errors)
+    async def create_response(request: Request) -> Response:
+        return await responses.create_response(await parse(request, ResponsesRequest), request)
+
+    @app.get("/v1/responses/{response_id}", responses=error_responses(401, 404))
+    async def retrieve_response(response_id: str) -> JSONResponse:
+        return responses.retrieve(response_id)
 
     @app.post("/v1/messages", responses=generation_errors)
     async def create_message(request: Request) -> Response:
@@ -289,6 +300,7 @@ def build_app(
             "/v1/completions": CompletionRequest,
             "/v1/chat/completions": ChatCompletionRequest,
             "/v1/messages": MessagesRequest,
+            "/v1/responses": ResponsesRequest,
             "/v1/messages/count_tokens": CountTokensRequest,
             "/v1/embeddings": EmbeddingRequest,
             "/tokenize": TokenizeRequest,

@@ -620,3 +620,99 @@ class CountTokensRequest(_Body):
         return MessagesRequest(
             model=self.model, max_tokens=1, messages=self.messages, system=self.system
         ).to_chat()
+
+
+class ResponsesContentPart(_Body):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class ResponsesInputMessage(_Body):
+    """A message item of the Responses API's `input`."""
+
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | Annotated[list[ResponsesContentPart], Field(max_length=MAX_CONTENT_PARTS)]
+
+    def text(self) -> str:
+        content = self.content
+        return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+class ResponsesTextFormat(_Body):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(_Body):
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesFunctionTool(_Body):
+    type: Literal["function"]
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesRequest(_Body):
+    """`POST /v1/responses`: OpenAI's Responses API (text in, text or calls out)."""
+
+    model: str | None = None
+    input: str | Annotated[list[ResponsesInputMessage], Field(max_length=MAX_MESSAGES)]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    store: bool | None = True
+    previous_response_id: str | None = None
+    text: ResponsesText | None = None
+    tools: Annotated[list[ResponsesFunctionTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | None = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    def messages(self) -> list[dict[str, Any]]:
+        """This request's own turn as chat messages (instructions first)."""
+        out: list[dict[str, Any]] = []
+        if self.instructions:
+            out.append({"role": "system", "content": self.instructions})
+        if isinstance(self.input, str):
+            out.append({"role": "user", "content": self.input})
+        else:
+            out += [{"role": m.role, "content": m.text()} for m in self.input]
+        return out
+
+    def to_chat(self, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+        """The conversation (a stored `history`, then this turn) as a chat completion."""
+        fields: dict[str, Any] = {
+            "model": self.model,
+            "messages": [*history, *self.messages()],
+            "max_tokens": self.max_output_tokens,
+        }
+        for name in ("temperature", "top_p", "tool_choice", "parallel_tool_calls"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        if self.tools:
+            fields["tools"] = [
+                {"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
+                for t in self.tools
+            ]
+        text_format = self.text.format if self.text else None
+        if text_format is not None and text_format.type != "text":
+            fields["response_format"] = (
+                {"type": "json_object"}
+                if text_format.type == "json_object"
+                else {
+                    "type": "json_schema",
+                    "json_schema": {"name": text_format.name, "schema": text_format.json_schema},
+                }
+            )
+        return ChatCompletionRequest.model_validate(fields)
