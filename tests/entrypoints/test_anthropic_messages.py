@@ -112,3 +112,11 @@ def test_x_api_key_is_accepted_beside_bearer(async_llm):
             headers={"Authorization": "Bearer sesame"},
         )
         assert bearer.status_code == 200
+
+
+def test_count_tokens_errors_take_anthropics_shape(server):
+    reply = httpx.post(server.url + "/v1/messages/count_tokens", json={"model": MODEL})
+    assert reply.status_code == 400
+    body = reply.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "messages" in body["error"]["message"]

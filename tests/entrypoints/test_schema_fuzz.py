@@ -60,6 +60,13 @@ def bounded(schema: dict[str, Any]) -> dict[str, Any]:
     embedding = schema["components"]["schemas"]["EmbeddingRequest"]["properties"]
     embedding["input"] = {"type": "string", "minLength": 1, "maxLength": 64}
     embedding.pop("dimensions", None)
+    # Anthropic's and the Responses API's bodies: a few tokens each, and text input
+    messages = schema["components"]["schemas"]["MessagesRequest"]["properties"]
+    messages["max_tokens"] = {"enum": [1, 2, 3, 4]}
+    responses = schema["components"]["schemas"]["ResponsesRequest"]
+    responses["properties"]["max_output_tokens"] = {"enum": [1, 2, 3, 4]}
+    responses["properties"]["input"] = {"type": "string", "minLength": 1, "maxLength": 64}
+    responses["required"] = sorted({*responses.get("required", []), "max_output_tokens"})
     return schema
 
 
@@ -75,6 +82,9 @@ def test_openapi_documents_every_post_body(document):
         "/v1/embeddings",
         "/tokenize",
         "/detokenize",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
     ):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         assert body["schema"]["$ref"].startswith("#/components/schemas/")
@@ -92,6 +102,10 @@ def operation_ids() -> list[str]:
         "POST /v1/embeddings",
         "POST /tokenize",
         "POST /detokenize",
+        "POST /v1/messages",
+        "POST /v1/messages/count_tokens",
+        "POST /v1/responses",
+        "GET /v1/responses/{response_id}",
         "GET /",
     ]
 

@@ -36,7 +36,12 @@ from pagedllm.entrypoints.openai.errors import (
     install_error_handlers,
     validation_error,
 )
-from pagedllm.entrypoints.openai.openapi import SSE_OR_JSON, describe_bodies, error_responses
+from pagedllm.entrypoints.openai.openapi import (
+    SSE_OR_JSON,
+    anthropic_error_responses,
+    describe_bodies,
+    error_responses,
+)
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -240,11 +245,14 @@ def build_app(
     async def retrieve_response(response_id: str) -> JSONResponse:
         return responses.retrieve(response_id)
 
-    @app.post("/v1/messages", responses=generation_errors)
+    @app.post(
+        "/v1/messages",
+        responses={**anthropic_error_responses(400, 401, 404, 413, 503), **SSE_OR_JSON},
+    )
     async def create_message(request: Request) -> Response:
         return await messages.create_message(await parse(request, MessagesRequest), request)
 
-    @app.post("/v1/messages/count_tokens", responses=model_errors)
+    @app.post("/v1/messages/count_tokens", responses=anthropic_error_responses(400, 401, 404, 413))
     async def count_message_tokens(request: Request) -> JSONResponse:
         return await messages.count_tokens(await parse(request, CountTokensRequest))
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from pagedllm.entrypoints.openai.protocol import ErrorResponse
+from pagedllm.entrypoints.openai.protocol import AnthropicErrorResponse, ErrorResponse
 
 _REF = "#/components/schemas/{model}"
 
@@ -40,6 +40,11 @@ SSE_OR_JSON: dict[int | str, dict[str, Any]] = {
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route: each status answered with OpenAI's error object."""
     return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def anthropic_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for an Anthropic route: each status answered with Anthropic's error."""
+    return {status: {"model": AnthropicErrorResponse} for status in statuses}
 
 
 def describe_bodies(app: FastAPI, bodies: Mapping[str, type[BaseModel]]) -> None:

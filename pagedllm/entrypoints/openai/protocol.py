@@ -522,6 +522,18 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class AnthropicErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Anthropic's error body, as the /v1/messages routes send every refusal."""
+
+    type: Literal["error"]
+    error: AnthropicErrorInfo
+
+
 class EmbeddingRequest(_Body):
     """`POST /v1/embeddings`: OpenAI's body (input as text, texts, token ids or lists of
     them), plus vLLM's `normalize`."""
