@@ -271,7 +271,6 @@ _UNSUPPORTED_COMMON = {
     "prediction": "predicted outputs are not implemented",
     "service_tier": "there is one tier",
     "store": "responses are not stored",
-    "metadata": "responses are not stored",
     # vLLM's; beam search runs through LLM.beam_search, not yet in the server's step loop
     "use_beam_search": "beam search is offline only (LLM.beam_search)",
 }
