@@ -102,7 +102,6 @@ class _Table:
 
     blocks: list[KVCacheBlock | None] = field(default_factory=list)  # None: dropped
     block_ids: list[int] = field(default_factory=list)  # kept in step with ``blocks``
-    num_cached_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_dropped: int = 0  # leading blocks a sliding window has left (None, NULL_BLOCK_ID)
 
 
@@ -112,6 +111,7 @@ class _SeqBlocks:
 
     tables: list[_Table]
     block_hashes: list[BlockHash] = field(default_factory=list)  # of its full blocks
+    num_cached_blocks: int = 0  # leading blocks (of every table) offered to the prefix cache
     num_tokens: int = 0  # token positions the tables have slots for
     counted: bool = False  # prefix-cache query recorded for this admission
     # every group's prefix hit from get_computed_blocks, for its first allocate_slots
@@ -146,6 +146,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.sliding_windows = list(sliding_windows)
+        self._slides = any(w is not None for w in self.sliding_windows)
         self.max_step_tokens = max_step_tokens
         self.block_pool = BlockPool(num_blocks, enable_caching)
         self._seqs: dict[str, _SeqBlocks] = {}
@@ -231,13 +232,10 @@ class KVCacheManager:
                     shorter = self._sliding_hit(cached[g], window, num_hit)
                     changed |= shorter != num_hit
                     num_hit = shorter
-        seq.hit = [
-            cached[g][:num_hit]
-            if window is None
-            else [None] * self._first_visible(window, num_hit * self.block_size)
-            + cached[g][self._first_visible(window, num_hit * self.block_size) : num_hit]
-            for g, window in enumerate(self.sliding_windows)
-        ]
+        seq.hit = []
+        for g, window in enumerate(self.sliding_windows):
+            first = 0 if window is None else self._first_visible(window, num_hit * self.block_size)
+            seq.hit.append([None] * first + cached[g][first:num_hit])
         return seq.hit[0], num_hit * self.block_size
 
     def _first_visible(self, window: int, position: int) -> int:
@@ -295,7 +293,7 @@ class KVCacheManager:
         size = self.block_size
         num_computed = request.num_computed_tokens + num_new_computed_tokens
         num_total = num_computed + num_new_tokens
-        if len(tables) > 1 or self.sliding_windows[0] is not None:
+        if self._slides:
             self._drop_out_of_window(tables, num_computed)
         if not new_computed_blocks:
             # Fast path, every decode step but one in block_size: the tokens land in
@@ -351,6 +349,8 @@ class KVCacheManager:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += num_new_computed_tokens
         seq.hit = None
+        if new_computed_blocks:
+            seq.num_cached_blocks = len(new_computed_blocks)
         new_ids: list[int] = []
         # Every group's hits leave the free queue before any fresh block is taken from
         # it: a fresh block must never be one another group is about to reuse.
@@ -360,7 +360,6 @@ class KVCacheManager:
             if hit:
                 t.blocks.extend(hit)
                 ids.extend(NULL_BLOCK_ID if b is None else b.block_id for b in hit)
-                t.num_cached_blocks = len(hit)
                 t.num_dropped = next((i for i, b in enumerate(hit) if b is not None), len(hit))
             if num_new_blocks[g]:
                 fresh = pool.get_new_blocks(num_new_blocks[g])
@@ -419,16 +418,16 @@ class KVCacheManager:
         if seq is None:
             return
         num_full = min(num_computed_tokens // self.block_size, len(seq.tables[0].blocks))
-        if num_full <= seq.tables[0].num_cached_blocks:
+        if num_full <= seq.num_cached_blocks:
             return
         hashes = self._block_hashes(request, seq, num_full)
         cache = self.block_pool.cache_full_block
         for g, t in enumerate(seq.tables):
-            for i in range(t.num_cached_blocks, num_full):
+            for i in range(seq.num_cached_blocks, num_full):
                 block = t.blocks[i]
                 if block is not None:
                     cache(block, _group_key(hashes[i], g))
-            t.num_cached_blocks = num_full
+        seq.num_cached_blocks = num_full
 
     def rollback(self, request_id: str, num_tokens: int) -> None:
         """Shrink a sequence to its first ``num_tokens`` slots: what speculation keeps once
@@ -439,8 +438,8 @@ class KVCacheManager:
         if seq is None or num_tokens >= seq.num_tokens:
             return
         keep = self.num_blocks_for(num_tokens)
+        require(keep >= seq.num_cached_blocks, f"{request_id!r}: rollback into cached blocks")
         for t in seq.tables:
-            require(keep >= t.num_cached_blocks, f"{request_id!r}: rollback into cached blocks")
             dropped = [b for b in reversed(t.blocks[keep:]) if b is not None]
             del t.blocks[keep:], t.block_ids[keep:]
             self.block_pool.free_blocks(dropped)
@@ -473,17 +472,11 @@ class KVCacheManager:
         tables = []
         for t in parent.tables:
             self.block_pool.touch([b for b in t.blocks if b is not None])
-            tables.append(
-                _Table(
-                    blocks=list(t.blocks),
-                    block_ids=list(t.block_ids),
-                    num_cached_blocks=min(t.num_cached_blocks, num_full),
-                    num_dropped=t.num_dropped,
-                )
-            )
+            tables.append(_Table(list(t.blocks), list(t.block_ids), t.num_dropped))
         self._seqs[child_request_id] = _SeqBlocks(
             tables=tables,
             block_hashes=parent.block_hashes[:num_full],
+            num_cached_blocks=min(parent.num_cached_blocks, num_full),
             num_tokens=parent.num_tokens,
             counted=True,
         )
@@ -621,10 +614,10 @@ class KVCacheManager:
                     if block is not None:
                         ref_counts[block.block_id] = ref_counts.get(block.block_id, 0) + 1
                 require(
-                    t.num_cached_blocks <= len(t.blocks),
+                    seq.num_cached_blocks <= len(t.blocks),
                     f"{where} has more cached blocks than blocks",
                 )
-                for i in range(t.num_dropped, t.num_cached_blocks):
+                for i in range(t.num_dropped, seq.num_cached_blocks):
                     block = t.blocks[i]
                     assert block is not None
                     h = block.block_hash

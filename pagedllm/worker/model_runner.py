@@ -172,21 +172,15 @@ class ModelRunner:
             seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
             rows.append(s.request_id)
-        if output.group_block_tables:
-            by_group = output.group_block_tables
+        by_group = output.group_block_tables
+        if by_group:
             num_groups = len(by_group[rows[0]])
-            meta = AttentionMetadata.build_grouped(
-                seq_lens,
-                query_lens,
-                [[by_group[r][g] for r in rows] for g in range(num_groups)],
-                self.block_size,
-                self.device,
-            )
+            tables = [[by_group[r][g] for r in rows] for g in range(num_groups)]
         else:
-            tables = [output.block_tables[r] for r in rows]
-            meta = AttentionMetadata.build(
-                seq_lens, query_lens, tables, self.block_size, self.device
-            )
+            tables = [[output.block_tables[r] for r in rows]]
+        meta = AttentionMetadata.build_grouped(
+            seq_lens, query_lens, tables, self.block_size, self.device
+        )
         ids = torch.tensor(input_ids, device=self.device)
         masks = self._start_masks(output, requests)
         with self.forward_timer:

@@ -155,11 +155,10 @@ def test_block_ids_out_of_step_are_caught():
 def test_wrong_cached_hashes_are_caught():
     kv, req = running_manager()
     seq = kv._seqs["a"]
-    table = seq.tables[0]
-    table.num_cached_blocks = 4
+    seq.num_cached_blocks = 4
     with pytest.raises(InvariantError, match="more cached blocks than blocks"):
         kv.check_invariants({"a"})
-    table.num_cached_blocks = 2
+    seq.num_cached_blocks = 2
     seq.block_hashes[0], seq.block_hashes[1] = seq.block_hashes[1], seq.block_hashes[0]
     with pytest.raises(InvariantError, match="another prefix's hash"):
         kv.check_invariants({"a"})

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedllm.sampling_params import (
+    MAX_CHOICES,
     MAX_LOGIT_BIAS,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
@@ -89,7 +90,7 @@ class StructuredOutputs(_Body):
     json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
     json_object: bool | None = None
     regex: str | None = None
-    choice: Annotated[list[str], Field(max_length=1024)] | None = None
+    choice: Annotated[list[str], Field(max_length=MAX_CHOICES)] | None = None
     grammar: str | None = None
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
@@ -148,7 +149,7 @@ class _SamplingFields(_Body):
     """vLLM (older form of structured_outputs.json): a JSON schema for the output."""
     guided_regex: str | None = None
     """vLLM (older form of structured_outputs.regex): a regular expression."""
-    guided_choice: Annotated[list[str], Field(max_length=1024)] | None = None
+    guided_choice: Annotated[list[str], Field(max_length=MAX_CHOICES)] | None = None
     """vLLM (older form of structured_outputs.choice): one of these strings."""
     guided_grammar: str | None = None
     """vLLM (older form of structured_outputs.grammar): a Lark/EBNF or GBNF grammar."""

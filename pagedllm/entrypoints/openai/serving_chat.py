@@ -288,20 +288,19 @@ class _StreamedCalls:
         self.texts[index] = self.texts.get(index, "") + text
         if mode == "named":
             return self._named(index, text), True
+        # the whole answer is parsed once, at its end
+        calls = self.serving._calls(self.body, self.texts[index])[1] if finished else []
         delta: dict[str, Any] = {}
         if mode == "auto":
-            holdback = self.holdbacks.setdefault(
-                index, ContentHoldback(self.serving.tool_call_parser)
-            )
+            holdback = self.holdbacks.get(index)
+            if holdback is None:
+                holdback = ContentHoldback(self.serving.tool_call_parser)
+                self.holdbacks[index] = holdback
             content = holdback.feed(text)
             if finished:
-                _, calls = self.serving._calls(self.body, self.texts[index])
                 content += holdback.flush(bool(calls))
             if content:
                 delta["content"] = content
-        if not finished:
-            return delta, False
-        _, calls = self.serving._calls(self.body, self.texts[index])
         if calls:
             delta["tool_calls"] = [
                 {"index": i, **call.to_openai(new_call_id())} for i, call in enumerate(calls)
