@@ -212,16 +212,17 @@ class SamplingParams:
 
 @dataclass
 class BeamSearchParams:
-    """Parameters of ``LLM.beam_search``."""
+    """Parameters of a beam search (``LLM.beam_search``, or ``use_beam_search`` over HTTP)."""
 
     beam_width: int
-    max_tokens: int
+    max_tokens: int | None  # None: up to the model's context
     length_penalty: float = 1.0
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         _check_int("beam_width", self.beam_width, minimum=1)
-        _check_int("max_tokens", self.max_tokens, minimum=1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_number("length_penalty", self.length_penalty)
 
 

@@ -41,7 +41,7 @@ from pagedllm.outputs import (
     SampleLogprobs,
 )
 from pagedllm.pooling_params import PoolingParams
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,10 @@ class AsyncLLM:
         return self.engine.tokenize_prompt(prompt)[1]
 
     async def add_request(
-        self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | PoolingParams | BeamSearchParams,
     ) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
@@ -302,7 +305,7 @@ class AsyncLLM:
                 self.abort(request_id)
 
     async def generate(
-        self, request_id: str, prompt: PromptType, params: SamplingParams
+        self, request_id: str, prompt: PromptType, params: SamplingParams | BeamSearchParams
     ) -> AsyncIterator[RequestDelta]:
         """Deltas of one request; leaving the loop early aborts the request."""
         stream = await self.add_request(request_id, prompt, params)

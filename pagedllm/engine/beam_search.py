@@ -1,10 +1,10 @@
-"""Beam search inside the engine: every beam stays resident as a Request.
+"""Beam search inside the engine's step: every beam stays resident as a Request.
 
 Engines that resubmit each beam as a new request every token pay a prefix lookup
 (or a recompute) per beam per token. Here a beam is a running Request that keeps
-its blocks: each step schedules every live beam of every prompt once, the model
-runner returns each beam's top ``2 * beam_width`` raw logprobs, the pure selection
-in ``pagedllm.sample.beam_search`` picks the survivors, and then
+its blocks, scheduled in the same continuous batch as every other request: the
+model runner returns each beam's top ``2 * beam_width`` raw logprobs, the pure
+selection in ``pagedllm.sample.beam_search`` picks the survivors, and then
 
 - a beam whose first survivor extends it takes that token, as a sampled token;
 - its other survivors are forked from it (``Scheduler.fork_request``): children
@@ -12,244 +12,303 @@ in ``pagedllm.sample.beam_search`` picks the survivors, and then
   their first write;
 - a beam with no survivor is aborted, which frees its blocks.
 
-The scheduler's order is kept: ``schedule()``, the model, ``update_from_output()``,
-then forks and aborts before the next ``schedule()``.
+The engine calls ``take`` between the model and ``update_from_output`` (beam rows
+leave the step's sampled rows; the beams extended now get their token as the
+step's sampled token) and ``apply`` after it (forks, aborts, finished searches).
 
 A beam normally samples in the same step as its siblings. When it does not (one
 was preempted, or ``max_num_seqs`` left one out), the candidates of those that did
 wait until the rest have sampled too; a beam that has sampled and got no token yet
 has nothing to compute, so the scheduler passes over it meanwhile (and should the
-waiting ones need its blocks, it gives them up and is recomputed later).
+waiting ones need its blocks, ``unstick`` gives them up: it is recomputed later).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from pagedllm.outputs import BeamSearchOutput, BeamSearchSequence
+from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sample.beam_search import BeamSearchState, Candidates
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 if TYPE_CHECKING:
-    from pagedllm.engine.llm_engine import LLMEngine, PromptType
+    from pagedllm.core.scheduler import Scheduler
+    from pagedllm.tokenizer import Tokenizer
+    from pagedllm.worker.model_runner import ModelRunner, SampledRow
 
 
 @dataclass
-class _PromptSearch:
+class _Search:
     """One prompt's search: live beam i of ``state`` is the request ``request_ids[i]``."""
 
+    user_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     state: BeamSearchState
     request_ids: list[str]
+    metrics: RequestMetrics
     pending: dict[str, Candidates] = field(default_factory=dict)  # sampled, not yet chosen
+    num_cached_tokens: int = 0
+    num_beams_made: int = 1
 
     @property
     def ready(self) -> bool:
         return bool(self.request_ids) and len(self.pending) == len(self.request_ids)
+
+    def new_beam_id(self) -> str:
+        self.num_beams_made += 1
+        return f"{self.user_id}#beam{self.num_beams_made - 1}"
 
 
 @dataclass
 class _Plan:
     """What one prompt's step does to its requests, decided before any is changed."""
 
-    search: _PromptSearch
+    search: _Search
     extend: dict[str, int] = field(default_factory=dict)  # request id → its own next token
     forks: list[tuple[str, str, list[int]]] = field(default_factory=list)  # parent, child, out
     abort: list[str] = field(default_factory=list)
 
 
-def beam_search(
-    engine: LLMEngine,
-    prompts: Sequence[PromptType],
-    params: BeamSearchParams,
-    use_tqdm: bool = False,
-) -> list[BeamSearchOutput]:
-    """Beam search over every prompt at once; one output per prompt, in order.
+class BeamSearchDriver:
+    """The engine's live beam searches, advanced by the engine's own step."""
 
-    Every prompt is checked before any runs (ValueError). The engine must have no
-    other request in flight: its steps would be taken by this loop.
-    """
-    if not isinstance(params, BeamSearchParams):
-        raise ValueError("params must be a BeamSearchParams")
-    if engine.has_unfinished_requests():
-        raise RuntimeError("beam_search needs an idle engine: other requests are in flight")
-    if engine.proposer is not None:
-        raise ValueError(
-            "beam search does not run with speculative decoding: start the engine without "
-            "speculative_config"
+    def __init__(
+        self, scheduler: Scheduler, runner: ModelRunner, tokenizer: Tokenizer, vocab_size: int
+    ) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._searches: dict[str, _Search] = {}  # user request id → its search
+        self._owner: dict[str, _Search] = {}  # live beam's request id → its search
+        self._plans: list[_Plan] = []
+        self._extended_now: set[str] = set()
+
+    def __contains__(self, user_id: str) -> bool:
+        return user_id in self._searches
+
+    def live_request_ids(self) -> list[str]:
+        return list(self._owner)
+
+    def add(
+        self,
+        user_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: BeamSearchParams,
+        arrival_time: float,
+    ) -> None:
+        """Start a search with one beam: the prompt (ValueError if it can never fit)."""
+        if user_id in self._searches:
+            raise ValueError(f"request_id {user_id!r} is already in use")
+        sampling = SamplingParams(
+            temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True, skip_special_tokens=True
         )
-    tokenized = [engine.tokenize_prompt(p) for p in prompts]
-    sampling = SamplingParams(
-        temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True, skip_special_tokens=True
-    )
-    # Set after validation: the user-facing cap of 20 logprobs does not bind the engine's
-    # own use, and beam_width > 10 needs more. EOS and max_tokens are the search's to judge.
-    sampling.logprobs = min(2 * params.beam_width, engine.model_config.vocab_size)
-    eos = engine.tokenizer.eos_token_id
-    scheduler = engine.scheduler
-    searches: list[_PromptSearch] = []
-    owner: dict[str, _PromptSearch] = {}
-    try:
-        for text, ids in tokenized:
-            request = Request(engine.new_request_id(), ids, sampling, eos_token_id=eos)
-            scheduler.add_request(request)
-            state = BeamSearchState(
-                params.beam_width, params.max_tokens, params.length_penalty, params.ignore_eos, eos
-            )
-            search = _PromptSearch(text, ids, state, [request.request_id])
-            searches.append(search)
-            owner[request.request_id] = search
-        with tqdm(total=len(searches), desc="Beam search", disable=not use_tqdm) as bar:
-            while any(s.request_ids for s in searches):
-                bar.update(_step(engine, owner))
-    finally:
-        # An error or an interrupt midway leaves no beam holding blocks.
-        live = [rid for s in searches for rid in s.request_ids]
-        scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
-        engine.runner.release(live)
-    return [_output(engine, s) for s in searches]
-
-
-def _step(engine: LLMEngine, owner: dict[str, _PromptSearch]) -> int:
-    """One engine step for every live beam; returns how many prompts finished."""
-    scheduler = engine.scheduler
-    sched = scheduler.schedule()
-    if sched.is_empty:
-        _requeue_waiting_beams(engine, owner)
-        return 0
-    sampled = engine.runner.execute(sched, scheduler.requests).sampled
-    engine.count_tokens(sched, sampled)
-    for request_id, row in sampled.items():
-        assert row.logprobs is not None  # every beam asks for logprobs
-        top_ids, top_logprobs, _, _ = row.logprobs[0]
-        owner[request_id].pending[request_id] = (top_ids, top_logprobs)
-
-    searches = {id(s): s for s in owner.values()}.values()
-    plans = [p for p in (_plan(engine, s) for s in searches) if p is not None]
-    # Beams that sampled this step take their token as the step's sampled token.
-    extend_now = {rid: [tok] for p in plans for rid, tok in p.extend.items() if rid in sampled}
-    scheduler.update_from_output(sched, extend_now)
-
-    num_done = 0
-    for plan in plans:
-        requests = scheduler.requests
-        for request_id, token in plan.extend.items():
-            if request_id not in extend_now:
-                # It sampled in an earlier step, waiting for its siblings.
-                requests[request_id].append_output_token_ids(token)
-        if plan.abort:
-            scheduler.finish_requests(plan.abort, RequestStatus.FINISHED_ABORTED)
-            engine.runner.release(plan.abort)
-            for request_id in plan.abort:
-                owner.pop(request_id, None)
-        for parent_id, child_id, output_ids in plan.forks:
-            _fork(engine, parent_id, child_id, output_ids)
-            owner[child_id] = plan.search
-        if plan.search.state.done:
-            num_done += 1
-    return num_done
-
-
-def _requeue_waiting_beams(engine: LLMEngine, owner: dict[str, _PromptSearch]) -> None:
-    """Break a standstill: beams that sampled and wait for their siblings give up blocks.
-
-    Such a beam has nothing to compute, so the scheduler never preempts it, and a
-    sibling left waiting for blocks would wait forever. Its candidates are kept; it
-    goes back to the queue as a new request, recomputed later (from the prefix cache
-    where its full blocks survive), just as if it had been preempted.
-    """
-    scheduler = engine.scheduler
-    stuck = [r for r in scheduler.running if r.request_id in owner[r.request_id].pending]
-    if not stuck:
-        raise RuntimeError("beam search made no progress: no beam could be scheduled")
-    for request in stuck:
-        old_id, new_id = request.request_id, engine.new_request_id()
-        search = owner.pop(old_id)
-        scheduler.finish_requests(old_id, RequestStatus.FINISHED_ABORTED)
-        engine.runner.release([old_id])
-        scheduler.add_request(
-            Request(
-                new_id,
-                request.prompt_token_ids,
-                request.sampling_params,
-                eos_token_id=request.eos_token_id,
-                arrival_time=request.arrival_time,
-                output_token_ids=request.output_token_ids,
-            )
+        # Set after validation: the user-facing cap of 20 logprobs does not bind the
+        # engine's own use, and beam_width > 10 needs more. EOS and max_tokens are the
+        # search's to judge.
+        sampling.logprobs = min(2 * params.beam_width, self.vocab_size)
+        eos = self.tokenizer.eos_token_id
+        beam_id = f"{user_id}#beam0"
+        request = Request(beam_id, prompt_token_ids, sampling, eos, arrival_time=arrival_time)
+        self.scheduler.add_request(request)  # resolves max_tokens; raises if it never fits
+        assert request.max_tokens is not None
+        state = BeamSearchState(
+            params.beam_width, request.max_tokens, params.length_penalty, params.ignore_eos, eos
         )
-        owner[new_id] = search
-        search.request_ids[search.request_ids.index(old_id)] = new_id
-        search.pending[new_id] = search.pending.pop(old_id)
+        search = _Search(
+            user_id, prompt, prompt_token_ids, state, [beam_id], RequestMetrics(arrival_time)
+        )
+        self._searches[user_id] = search
+        self._owner[beam_id] = search
 
+    # ------------------------------------------------------------------- step
 
-def _plan(engine: LLMEngine, search: _PromptSearch) -> _Plan | None:
-    """Choose one prompt's survivors once all its live beams have sampled."""
-    if not search.ready:
-        return None
-    parents = search.request_ids
-    survivors = search.state.step([search.pending[rid] for rid in parents])
-    search.pending.clear()
-    plan = _Plan(search)
-    if search.state.done:  # the last token: every beam ends, none goes on
-        plan.abort = list(parents)
+    def take(self, sampled: dict[str, SampledRow]) -> dict[str, list[int]]:
+        """Move the beams' rows out of ``sampled`` and choose the survivors of every
+        search whose beams have all sampled; returns the tokens of the beams extended
+        now, to be recorded by ``update_from_output`` with the step's other tokens."""
+        touched: dict[str, _Search] = {}
+        sampled_now: set[str] = set()
+        for request_id in [r for r in sampled if r in self._owner]:
+            row = sampled.pop(request_id)
+            assert row.logprobs is not None  # every beam asks for logprobs
+            top_ids, top_logprobs, _, _ = row.logprobs[0]
+            search = self._owner[request_id]
+            search.pending[request_id] = (top_ids, top_logprobs)
+            touched[search.user_id] = search
+            sampled_now.add(request_id)
+        self._plans = [p for p in map(self._plan, touched.values()) if p is not None]
+        extend_now = {
+            rid: [token]
+            for plan in self._plans
+            for rid, token in plan.extend.items()
+            if rid in sampled_now
+        }
+        self._extended_now = set(extend_now)
+        return extend_now
+
+    def apply(self) -> list[RequestOutput]:
+        """Carry out the step's plans (after ``update_from_output``); returns the
+        outputs of the searches that ended."""
+        outputs: list[RequestOutput] = []
+        for plan in self._plans:
+            requests = self.scheduler.requests
+            for request_id, token in plan.extend.items():
+                if request_id not in self._extended_now:
+                    # It sampled in an earlier step, waiting for its siblings.
+                    requests[request_id].append_output_token_ids(token)
+            self._abort_beams(plan.abort)
+            for parent_id, child_id, output_ids in plan.forks:
+                self._fork(parent_id, child_id, output_ids)
+                self._owner[child_id] = plan.search
+            if plan.search.state.done:
+                outputs.append(self._output(self._searches.pop(plan.search.user_id)))
+        self._plans = []
+        self._extended_now = set()
+        return outputs
+
+    def unstick(self) -> bool:
+        """Break a standstill (the step scheduled nothing): beams that sampled and wait
+        for their siblings give up their blocks. True if any did.
+
+        Such a beam has nothing to compute, so the scheduler never preempts it, and a
+        sibling left waiting for blocks would wait forever. Its candidates are kept; it
+        goes back to the queue as a new request, recomputed later (from the prefix cache
+        where its full blocks survive), just as if it had been preempted.
+        """
+        scheduler = self.scheduler
+        stuck = [
+            r
+            for r in scheduler.running
+            if r.request_id in self._owner and r.request_id in self._owner[r.request_id].pending
+        ]
+        for request in stuck:
+            old_id = request.request_id
+            search = self._owner.pop(old_id)
+            new_id = search.new_beam_id()
+            scheduler.finish_requests(old_id, RequestStatus.FINISHED_ABORTED)
+            self.runner.release([old_id])
+            scheduler.add_request(
+                Request(
+                    new_id,
+                    request.prompt_token_ids,
+                    request.sampling_params,
+                    eos_token_id=request.eos_token_id,
+                    arrival_time=request.arrival_time,
+                    output_token_ids=request.output_token_ids,
+                )
+            )
+            self._owner[new_id] = search
+            search.request_ids[search.request_ids.index(old_id)] = new_id
+            search.pending[new_id] = search.pending.pop(old_id)
+        return bool(stuck)
+
+    def abort(self, user_id: str, error: str | None = None) -> RequestOutput:
+        """End a search now, freeing every beam; its output has no sequences."""
+        search = self._searches.pop(user_id)
+        self._abort_beams(search.request_ids)
         search.request_ids = []
+        search.metrics.finished_time = time.monotonic()
+        return RequestOutput(
+            user_id,
+            search.prompt,
+            search.prompt_token_ids,
+            [],
+            finished=True,
+            metrics=search.metrics,
+            error=error,
+        )
+
+    # --------------------------------------------------------------- helpers
+
+    def _plan(self, search: _Search) -> _Plan | None:
+        """Choose one prompt's survivors once all its live beams have sampled."""
+        if not search.ready:
+            return None
+        parents = search.request_ids
+        requests = self.scheduler.requests
+        if search.metrics.first_token_time is None:
+            search.metrics.first_token_time = time.monotonic()
+            search.num_cached_tokens = requests[parents[0]].num_cached_tokens
+        survivors = search.state.step([search.pending[rid] for rid in parents])
+        search.pending.clear()
+        plan = _Plan(search)
+        if search.state.done:  # the last token: every beam ends, none goes on
+            plan.abort = list(parents)
+            search.request_ids = []
+            return plan
+        new_ids: list[str] = []
+        taken: set[int] = set()
+        for survivor in survivors:
+            parent_id = parents[survivor.parent]
+            if survivor.parent not in taken:
+                taken.add(survivor.parent)
+                plan.extend[parent_id] = survivor.token_id
+                new_ids.append(parent_id)
+            else:
+                child_id = search.new_beam_id()
+                output = [*requests[parent_id].output_token_ids, survivor.token_id]
+                plan.forks.append((parent_id, child_id, output))
+                new_ids.append(child_id)
+        plan.abort = [rid for i, rid in enumerate(parents) if i not in taken]
+        search.request_ids = new_ids
         return plan
-    requests = engine.scheduler.requests
-    new_ids: list[str] = []
-    taken: set[int] = set()
-    for survivor in survivors:
-        parent_id = parents[survivor.parent]
-        if survivor.parent not in taken:
-            taken.add(survivor.parent)
-            plan.extend[parent_id] = survivor.token_id
-            new_ids.append(parent_id)
+
+    def _abort_beams(self, request_ids: list[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        self.runner.release(request_ids)
+        for request_id in request_ids:
+            self._owner.pop(request_id, None)
+
+    def _fork(self, parent_id: str, child_id: str, output_ids: list[int]) -> None:
+        """A new beam sharing its parent's blocks (or, if the parent was preempted, queued)."""
+        scheduler = self.scheduler
+        parent = scheduler.requests[parent_id]
+        if parent.status is RequestStatus.RUNNING:
+            child = parent.fork(child_id, output_token_ids=output_ids)
+            scheduler.fork_request(parent_id, [child])
         else:
-            child_id = engine.new_request_id()
-            output = [*requests[parent_id].output_token_ids, survivor.token_id]
-            plan.forks.append((parent_id, child_id, output))
-            new_ids.append(child_id)
-    plan.abort = [rid for i, rid in enumerate(parents) if i not in taken]
-    search.request_ids = new_ids
-    return plan
+            # A preempted parent holds no blocks to share: the child is recomputed,
+            # taking back from the prefix cache whatever full blocks survived.
+            child = Request(
+                child_id,
+                parent.prompt_token_ids,
+                parent.sampling_params,
+                eos_token_id=parent.eos_token_id,
+                arrival_time=parent.arrival_time,
+                output_token_ids=output_ids,
+            )
+            scheduler.add_request(child)
 
-
-def _fork(engine: LLMEngine, parent_id: str, child_id: str, output_ids: list[int]) -> None:
-    """A new beam sharing its parent's blocks (or, if the parent was preempted, queued)."""
-    scheduler = engine.scheduler
-    parent = scheduler.requests[parent_id]
-    if parent.status is RequestStatus.RUNNING:
-        child = parent.fork(child_id, output_token_ids=output_ids)
-        scheduler.fork_request(parent_id, [child])
-    else:
-        # A preempted parent holds no blocks to share: the child is recomputed, taking
-        # back from the prefix cache whatever full blocks survived.
-        child = Request(
-            child_id,
-            parent.prompt_token_ids,
-            parent.sampling_params,
-            eos_token_id=parent.eos_token_id,
-            arrival_time=parent.arrival_time,
-            output_token_ids=output_ids,
+    def _output(self, search: _Search) -> RequestOutput:
+        """A finished search as a request's output: its beams, best score first."""
+        now = time.monotonic()
+        metrics = search.metrics
+        metrics.last_token_time = metrics.finished_time = now
+        best = search.state.best()
+        metrics.num_generation_tokens = len(best[0].token_ids) if best else 0
+        completions = [
+            CompletionOutput(
+                index=i,
+                text=self.tokenizer.decode(beam.token_ids, skip_special_tokens=True),
+                token_ids=beam.token_ids,
+                cumulative_logprob=beam.cum_logprob,
+                logprobs=None,
+                finish_reason=beam.finish_reason,
+            )
+            for i, beam in enumerate(best)
+        ]
+        return RequestOutput(
+            search.user_id,
+            search.prompt,
+            search.prompt_token_ids,
+            completions,
+            finished=True,
+            metrics=metrics,
+            num_cached_tokens=search.num_cached_tokens,
         )
-        scheduler.add_request(child)
-
-
-def _output(engine: LLMEngine, search: _PromptSearch) -> BeamSearchOutput:
-    decode = engine.tokenizer.decode
-    sequences = [
-        BeamSearchSequence(
-            tokens=beam.token_ids,
-            text=decode(beam.token_ids, skip_special_tokens=True),
-            cum_logprob=beam.cum_logprob,
-            score=beam.score if beam.score is not None else float("-inf"),
-            finish_reason=beam.finish_reason,
-        )
-        for beam in search.state.best()
-    ]
-    return BeamSearchOutput(sequences, search.prompt, search.prompt_token_ids)

@@ -22,6 +22,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.core.invariants import debug_invariants_enabled, require
 from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.beam_search import BeamSearchDriver
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.step_stats import StepStats
 from pagedllm.model.config import ModelArchConfig
@@ -30,7 +31,7 @@ from pagedllm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOut
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import Request, RequestStatus
 from pagedllm.sample.grammar import GrammarCompiler, GrammarMatchers
-from pagedllm.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
+from pagedllm.sampling_params import MAX_STOP_TOKEN_IDS, BeamSearchParams, SamplingParams
 from pagedllm.spec_decode import (
     DraftModelProposer,
     NgramProposer,
@@ -186,6 +187,7 @@ class LLMEngine:
         )
         self.runner.sampler.generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.beams = BeamSearchDriver(self.scheduler, self.runner, tokenizer, config.vocab_size)
         self._ids = itertools.count()
         self._pending_fork: dict[str, int] = {}  # n > 1 requests not yet forked
         self._embeddings: dict[str, list[int]] = {}  # live embedding requests: their prompts
@@ -245,14 +247,19 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams | PoolingParams,
+        params: SamplingParams | PoolingParams | BeamSearchParams,
         arrival_time: float | None = None,
         priority: int = 0,
     ) -> None:
-        """Queue a request (generation, or an embedding for PoolingParams); a ValueError
-        says what is wrong and nothing is kept."""
+        """Queue a request (generation, an embedding for PoolingParams, a beam search for
+        BeamSearchParams); a ValueError says what is wrong and nothing is kept."""
+        if self._in_use(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(params, PoolingParams):
             self._add_embedding(request_id, prompt, params, arrival_time, priority)
+            return
+        if isinstance(params, BeamSearchParams):
+            self._add_beam_search(request_id, prompt, params, arrival_time)
             return
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
@@ -286,8 +293,6 @@ class LLMEngine:
     ) -> None:
         """An embedding request: its prompt prefilled in the same steps as generation,
         pooled, and ended with its last chunk (one token of room, never sampled)."""
-        if request_id in self._embeddings or self.output_processor.sequence_ids(request_id):
-            raise ValueError(f"request_id {request_id!r} is already in use")
         _, ids = self.tokenize_prompt(prompt)
         request = Request(
             request_id=request_id,
@@ -300,6 +305,30 @@ class LLMEngine:
         )
         self.scheduler.add_request(request)
         self._embeddings[request_id] = ids
+
+    def _add_beam_search(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: BeamSearchParams,
+        arrival_time: float | None,
+    ) -> None:
+        """A beam search: its beams run in the same steps as every other request
+        (`pagedllm.engine.beam_search`); its one output comes when it ends."""
+        if self.proposer is not None:
+            raise ValueError(
+                "beam search does not run with speculative decoding: start the engine "
+                "without speculative_config"
+            )
+        text, ids = self.tokenize_prompt(prompt)
+        self.beams.add(request_id, text, ids, params, arrival_time or time.monotonic())
+
+    def _in_use(self, request_id: str) -> bool:
+        return (
+            request_id in self._embeddings
+            or request_id in self.beams
+            or bool(self.output_processor.sequence_ids(request_id))
+        )
 
     def _with_end_of_turn_stops(self, params: SamplingParams) -> SamplingParams:
         """Stop at the model's end-of-turn tokens too (Gemma's <end_of_turn>, Llama 3's
@@ -323,6 +352,8 @@ class LLMEngine:
         self, user_id: str, error: str | None = None
     ) -> RequestOutput | EmbeddingRequestOutput | None:
         """Abort every sequence of a user request; its final output carries `error`."""
+        if user_id in self.beams:
+            return self.beams.abort(user_id, error)
         if user_id in self._embeddings:
             self.scheduler.finish_requests([user_id], RequestStatus.FINISHED_ABORTED)
             self.runner.release([user_id])
@@ -356,6 +387,8 @@ class LLMEngine:
         start = time.perf_counter()
         scheduler = self.scheduler
         sched = scheduler.schedule()
+        if sched.is_empty and self.beams.unstick():
+            return []  # beams waiting for their siblings gave up their blocks
         self.step_stats.observe_schedule(scheduler)
         scheduled_at = time.perf_counter()
         requests = scheduler.requests
@@ -375,9 +408,11 @@ class LLMEngine:
             ended_at_fork |= self._fork(parent_id, sampled)
         verified = {rid: requests[rid] for rid, row in sampled.items() if len(row.token_ids) > 1}
         emitted_before = {rid: r.num_output_tokens for rid, r in verified.items()}
+        beam_tokens = self.beams.take(sampled)
         finished = scheduler.update_from_output(
-            sched, {rid: row.token_ids for rid, row in sampled.items()}
+            sched, {rid: row.token_ids for rid, row in sampled.items()} | beam_tokens
         )
+        beam_outputs = self.beams.apply()
         for rid, request in verified.items():
             # a stop (or max_tokens) inside the accepted drafts ends the output there
             sampled[rid].keep(request.num_output_tokens - emitted_before[rid])
@@ -390,7 +425,7 @@ class LLMEngine:
             [s.request_id for s in sched.scheduled_requests],
             result.prompt_logprobs,
         )
-        outputs, stopped = processed.outputs, processed.stopped_by_string
+        outputs, stopped = processed.outputs + beam_outputs, processed.stopped_by_string
         for request_id, vector in result.embeddings.items():
             ids = self._embeddings.pop(request_id)
             outputs.append(EmbeddingRequestOutput(request_id, ids, EmbeddingOutput(vector)))  # type: ignore[arg-type]
@@ -428,6 +463,8 @@ class LLMEngine:
         live = self.scheduler.requests
         stale = [rid for rid in self.runner.live_request_ids() if rid not in live]
         require(not stale, f"the model runner keeps state for finished requests {stale}")
+        stale = [rid for rid in self.beams.live_request_ids() if rid not in live]
+        require(not stale, f"beam searches name finished requests as live beams {stale}")
         if self.proposer is not None:
             stale = [rid for rid in self.proposer.live_request_ids() if rid not in live]
             require(not stale, f"the proposer keeps state for finished requests {stale}")

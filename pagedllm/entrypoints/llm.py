@@ -10,10 +10,15 @@ from typing import Any
 from tqdm import tqdm
 
 from pagedllm.config import EngineArgs
-from pagedllm.engine.beam_search import beam_search
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
-from pagedllm.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
+from pagedllm.outputs import (
+    BeamSearchOutput,
+    BeamSearchSequence,
+    EmbeddingRequestOutput,
+    RequestOutput,
+)
 from pagedllm.pooling_params import PoolingParams
+from pagedllm.sample.beam_search import beam_score
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.tokenizer import Message
 
@@ -91,11 +96,17 @@ class LLM:
     ) -> list[BeamSearchOutput]:
         """Beam search over each prompt; per prompt, up to beam_width sequences, best first.
 
-        Beams stay resident in the engine and share KV blocks (see
-        `pagedllm.engine.beam_search`); each sequence carries its generated `tokens`,
-        `text`, `cum_logprob` and length-penalised `score`.
+        Beams stay resident in the engine, run in its continuous batch and share KV
+        blocks (see `pagedllm.engine.beam_search`); each sequence carries its generated
+        `tokens`, `text`, `cum_logprob` and length-penalised `score`.
         """
-        return beam_search(self.engine, _as_prompt_list(prompts), params, use_tqdm)
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError("params must be a BeamSearchParams")
+        prompts = _as_prompt_list(prompts)
+        for prompt in prompts:  # validate all before queueing any
+            self.engine.tokenize_prompt(prompt)
+        outputs = self._run(prompts, [params] * len(prompts), use_tqdm)
+        return [_beam_search_output(output, params) for output in outputs]
 
     def embed(
         self,
@@ -133,7 +144,10 @@ class LLM:
         return params
 
     def _run(
-        self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool
+        self,
+        prompts: list[PromptType],
+        params: Sequence[SamplingParams | BeamSearchParams],
+        use_tqdm: bool,
     ) -> list[RequestOutput]:
         engine = self.engine
         ids: list[str] = []
@@ -182,3 +196,23 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     ):
         return [prompts]  # type: ignore[list-item]
     return list(prompts)  # type: ignore[arg-type]
+
+
+def _beam_search_output(output: RequestOutput, params: BeamSearchParams) -> BeamSearchOutput:
+    """A finished search's request output as `LLM.beam_search` answers: with scores."""
+    sequences = [
+        BeamSearchSequence(
+            tokens=c.token_ids,
+            text=c.text,
+            cum_logprob=c.cumulative_logprob or 0.0,
+            score=beam_score(
+                len(c.token_ids),
+                c.cumulative_logprob or 0.0,
+                params.length_penalty,
+                c.finish_reason == "stop",
+            ),
+            finish_reason=c.finish_reason,
+        )
+        for c in output.outputs
+    ]
+    return BeamSearchOutput(sequences, output.prompt, output.prompt_token_ids)

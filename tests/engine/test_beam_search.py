@@ -183,3 +183,50 @@ def test_bad_prompt_is_refused_before_anything_runs(llm):
     with pytest.raises(ValueError, match="prompt"):
         llm.beam_search(["fine", ""], BeamSearchParams(2, 4))
     assert_no_block_leaked(llm)
+
+
+def test_beam_search_shares_the_engine_step_with_other_requests(llm, monkeypatch):
+    """A search runs in the same continuous batch as plain requests (no loop of its own,
+    no idle engine needed) and neither changes the other's tokens."""
+    from pagedllm import SamplingParams
+
+    params = BeamSearchParams(BEAM_WIDTH, 8, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    texts = ["Once upon a time", "The best way to learn is"]
+    (alone,) = llm.beam_search(["The capital of France is"], params)
+    plain = [o.outputs[0].token_ids for o in llm.generate(texts, greedy, use_tqdm=False)]
+
+    engine = llm.engine
+    scheduled = []
+    schedule = engine.scheduler.schedule
+
+    def spy_schedule():
+        out = schedule()
+        scheduled.append({s.request_id.split("#")[0] for s in out.scheduled_requests})
+        return out
+
+    monkeypatch.setattr(engine.scheduler, "schedule", spy_schedule)
+    engine.add_request("plain0", texts[0], greedy)
+    engine.add_request("search", "The capital of France is", params)
+    engine.add_request("plain1", texts[1], greedy)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("search", "again", params)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id: o for o in engine.step() if o.finished}
+    assert any({"search", "plain0", "plain1"} <= ids for ids in scheduled)
+    assert [c.token_ids for c in finished["search"].outputs] == [s.tokens for s in alone.sequences]
+    assert [finished[f"plain{i}"].outputs[0].token_ids for i in range(2)] == plain
+    assert_no_block_leaked(llm)
+
+
+def test_aborting_a_search_midway_frees_its_beams(llm):
+    engine = llm.engine
+    engine.add_request("search", ENGLISH, BeamSearchParams(BEAM_WIDTH, 32))
+    for _ in range(4):
+        assert engine.step() == []  # nothing until the search ends
+    assert len(engine.beams.live_request_ids()) == BEAM_WIDTH
+    (output,) = engine.abort_request("search")
+    assert output.finished and output.outputs == []
+    assert_no_block_leaked(llm)
+    assert not engine.beams.live_request_ids()

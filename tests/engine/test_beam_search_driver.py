@@ -18,7 +18,7 @@ import pytest
 
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.core.scheduler import Scheduler
-from pagedllm.engine.beam_search import beam_search
+from pagedllm.engine.beam_search import BeamSearchDriver
 from pagedllm.sample.beam_search import BeamSearchState
 from pagedllm.sampling_params import BeamSearchParams
 from pagedllm.worker.model_runner import RunnerOutput, SampledRow
@@ -40,6 +40,7 @@ def fake_logprobs(tokens: list[int], k: int) -> tuple[list[int], list[float]]:
 class FakeRunner:
     def __init__(self, scheduler: Scheduler) -> None:
         self.worker = FakeWorker(scheduler, VOCAB)
+        self.released: list[str] = []
 
     def execute(self, sched, requests, num_samples=None):
         out = {}
@@ -50,29 +51,45 @@ class FakeRunner:
         return RunnerOutput(out, {})
 
     def release(self, request_ids) -> None:
-        pass
+        self.released += request_ids
 
 
-def fake_engine(num_blocks: int, block_size: int = 4, max_num_seqs: int = 64):
+def fake_driver(num_blocks: int, block_size: int = 4, max_num_seqs: int = 64):
     scheduler = Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=64),
         CacheConfig(block_size=block_size),
         num_blocks,
     )
-    ids = itertools.count()
-    return SimpleNamespace(
-        scheduler=scheduler,
-        runner=FakeRunner(scheduler),
-        tokenizer=SimpleNamespace(
-            eos_token_id=EOS, decode=lambda t, skip_special_tokens=True: " ".join(map(str, t))
-        ),
-        model_config=SimpleNamespace(vocab_size=VOCAB),
-        new_request_id=lambda: str(next(ids)),
-        has_unfinished_requests=scheduler.has_unfinished_requests,
-        tokenize_prompt=lambda prompt: (None, list(prompt)),
-        count_tokens=lambda sched, sampled: None,
-        proposer=None,
+    tokenizer = SimpleNamespace(
+        eos_token_id=EOS, decode=lambda t, skip_special_tokens=True: " ".join(map(str, t))
     )
+    return BeamSearchDriver(scheduler, FakeRunner(scheduler), tokenizer, VOCAB)
+
+
+def run(driver: BeamSearchDriver, prompts, params, fail_at_step: int | None = None):
+    """The beam part of `LLMEngine.step`, until every search ends; outputs by prompt."""
+    scheduler = driver.scheduler
+    for i, prompt in enumerate(prompts):
+        driver.add(f"search{i}", None, prompt, params, arrival_time=0.0)
+    outputs = {}
+    for step in itertools.count():
+        if not scheduler.has_unfinished_requests():
+            break
+        if step == fail_at_step:
+            raise KeyboardInterrupt
+        sched = scheduler.schedule()
+        if sched.is_empty:
+            assert driver.unstick(), "beam search made no progress"
+            continue
+        sampled = driver.runner.execute(sched, scheduler.requests).sampled
+        tokens = driver.take(sampled)
+        assert not sampled  # every row was a beam's
+        scheduler.update_from_output(sched, tokens)
+        for output in driver.apply():
+            outputs[output.request_id] = output
+        scheduler.check_invariants()
+        assert set(driver.live_request_ids()) <= set(scheduler.requests)
+    return [outputs[f"search{i}"] for i in range(len(prompts))]
 
 
 def expected(prompt: list[int], params: BeamSearchParams):
@@ -97,40 +114,39 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1]]
 @pytest.mark.parametrize("ignore_eos", [True, False])
 def test_driver_finds_what_the_pure_search_finds(num_blocks, block_size, max_num_seqs, ignore_eos):
     params = BeamSearchParams(3, 9, length_penalty=0.7, ignore_eos=ignore_eos)
-    engine = fake_engine(num_blocks, block_size, max_num_seqs)
-    outputs = beam_search(engine, PROMPTS, params)
+    driver = fake_driver(num_blocks, block_size, max_num_seqs)
+    outputs = run(driver, PROMPTS, params)
     for prompt, output in zip(PROMPTS, outputs, strict=True):
-        got = [(s.tokens, s.cum_logprob, s.score) for s in output.sequences]
-        assert got == expected(prompt, params)
-    kv = engine.scheduler.kv_cache_manager
+        got = [(c.token_ids, c.cumulative_logprob) for c in output.outputs]
+        assert got == [(tokens, cum) for tokens, cum, _ in expected(prompt, params)]
+        assert output.finished and output.prompt_token_ids == prompt
+    scheduler = driver.scheduler
+    kv = scheduler.kv_cache_manager
     assert kv.get_num_free_blocks() == kv.num_blocks
-    assert not engine.scheduler.requests
-    engine.scheduler.check_invariants()
+    assert not scheduler.requests
+    assert not driver.live_request_ids()
+    scheduler.check_invariants()
     if num_blocks < 16:
-        assert engine.scheduler.num_preemptions_total > 0
+        assert scheduler.num_preemptions_total > 0
 
 
-def test_an_error_midway_frees_every_beam():
-    engine = fake_engine(256)
-    execute = engine.runner.execute
-    calls = itertools.count()
-
-    def failing(*args):
-        if next(calls) == 4:
-            raise KeyboardInterrupt
-        return execute(*args)
-
-    engine.runner.execute = failing
+def test_an_abort_midway_frees_every_beam():
+    driver = fake_driver(256)
     with pytest.raises(KeyboardInterrupt):
-        beam_search(engine, PROMPTS, BeamSearchParams(3, 9))
-    kv = engine.scheduler.kv_cache_manager
+        run(driver, PROMPTS, BeamSearchParams(3, 9), fail_at_step=4)
+    assert len(driver.live_request_ids()) > len(PROMPTS)  # forks were live
+    for i in range(len(PROMPTS)):
+        output = driver.abort(f"search{i}", error="gone")
+        assert output.finished and output.outputs == [] and output.error == "gone"
+    kv = driver.scheduler.kv_cache_manager
     assert kv.get_num_free_blocks() == kv.num_blocks
-    assert not engine.scheduler.requests
+    assert not driver.scheduler.requests
+    assert not driver.live_request_ids()
+    assert "search0" not in driver
 
 
-def test_a_busy_engine_is_refused():
-    engine = fake_engine(256)
-    beam_search(engine, [[1, 2]], BeamSearchParams(2, 2))  # leaves nothing behind
-    engine.has_unfinished_requests = lambda: True
-    with pytest.raises(RuntimeError, match="idle engine"):
-        beam_search(engine, [[1, 2]], BeamSearchParams(2, 2))
+def test_a_search_id_in_use_is_refused():
+    driver = fake_driver(256)
+    driver.add("a", None, [1, 2], BeamSearchParams(2, 2), arrival_time=0.0)
+    with pytest.raises(ValueError, match="already in use"):
+        driver.add("a", None, [1, 2], BeamSearchParams(2, 2), arrival_time=0.0)

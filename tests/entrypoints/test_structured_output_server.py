@@ -183,7 +183,6 @@ def test_bad_constraints_are_400s_naming_structured_outputs(client, extra, messa
         ("chat", "prediction", {"type": "content", "content": "x"}),
         ("completions", "store", True),
         ("completions", "service_tier", "flex"),
-        ("completions", "use_beam_search", True),
     ],
 )
 def test_openai_fields_not_implemented_are_refused_by_name(client, route, field, value):

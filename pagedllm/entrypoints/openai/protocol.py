@@ -19,6 +19,7 @@ from pagedllm.sampling_params import (
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
+    BeamSearchParams,
     SamplingParams,
     StructuredOutputsParams,
 )
@@ -153,6 +154,13 @@ class _SamplingFields(_Body):
     """vLLM (older form of structured_outputs.choice): one of these strings."""
     guided_grammar: str | None = None
     """vLLM (older form of structured_outputs.grammar): a Lark/EBNF or GBNF grammar."""
+    use_beam_search: bool | None = None
+    """vLLM: beam search with n beams, answering the n best, best first. The search
+    ranks by the model's own log-probabilities, so the fields that shape sampling
+    (temperature other than 0 or 1, top_p/top_k/min_p, penalties, logit_bias, stop,
+    logprobs, structured outputs) are refused with it."""
+    length_penalty: float | None = None
+    """vLLM (beam search only): finished beams rank by cum_logprob / length ** length_penalty."""
 
     @property
     def include_usage(self) -> bool:
@@ -188,8 +196,13 @@ class _SamplingFields(_Body):
 
     def _sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
-    ) -> SamplingParams:
-        """SamplingParams from the set fields; raises ValueError naming the bad one."""
+    ) -> SamplingParams | BeamSearchParams:
+        """SamplingParams (BeamSearchParams with use_beam_search) from the set fields;
+        raises ValueError naming the bad one."""
+        if self.use_beam_search:
+            return self._beam_search_params(max_tokens, logprobs, prompt_logprobs)
+        if self.length_penalty is not None:
+            raise ValueError("length_penalty: applies to beam search only (use_beam_search)")
         values: dict[str, object] = {
             "max_tokens": max_tokens,
             "logprobs": logprobs,
@@ -226,6 +239,46 @@ class _SamplingFields(_Body):
             raise ValueError(message) from None
         return SamplingParams(**values)  # type: ignore[arg-type]
 
+    def _beam_search_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
+    ) -> BeamSearchParams:
+        """BeamSearchParams (beam width n); a field that shapes sampling is refused, as
+        the search would not use it."""
+        shaping = {name: getattr(self, name) for name in _NEUTRAL_FOR_BEAM_SEARCH}
+        shaping |= {"logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
+        for name, value in shaping.items():
+            if value is not None and value not in _NEUTRAL_FOR_BEAM_SEARCH.get(name, ()):
+                raise ValueError(
+                    f"{name}: not supported with use_beam_search (the search ranks beams by "
+                    "the model's own log-probabilities)"
+                )
+        if self._constraint() is not None:
+            raise ValueError("structured_outputs: not supported with use_beam_search")
+        return BeamSearchParams(
+            beam_width=self.n or 1,
+            max_tokens=max_tokens,
+            length_penalty=1.0 if self.length_penalty is None else self.length_penalty,
+            ignore_eos=bool(self.ignore_eos),
+        )
+
+
+# Fields that shape sampling, and the values with which beam search may still take them.
+_NEUTRAL_FOR_BEAM_SEARCH: dict[str, tuple[object, ...]] = {
+    "temperature": (0, 1),
+    "top_p": (1,),
+    "top_k": (0, -1),
+    "min_p": (0,),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "min_tokens": (0,),
+    "logit_bias": ({},),
+    "stop": ([], ""),
+    "stop_token_ids": ([],),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+}
+
 
 # The names SamplingParams puts first in its errors, reported as the error's `param`.
 SAMPLING_PARAM_NAMES = (
@@ -249,6 +302,8 @@ SAMPLING_PARAM_NAMES = (
     "include_stop_str_in_output",
     "ignore_eos",
     "skip_special_tokens",
+    "length_penalty",
+    *_NEUTRAL_FOR_BEAM_SEARCH,
 )
 
 
@@ -272,8 +327,6 @@ _UNSUPPORTED_COMMON = {
     "prediction": "predicted outputs are not implemented",
     "service_tier": "there is one tier",
     "store": "responses are not stored",
-    # vLLM's; beam search runs through LLM.beam_search, not yet in the server's step loop
-    "use_beam_search": "beam search is offline only (LLM.beam_search)",
 }
 _UNSUPPORTED_CHAT = {
     **_UNSUPPORTED_COMMON,
@@ -308,7 +361,7 @@ class CompletionRequest(_SamplingFields):
             )
         return prompts
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self) -> SamplingParams | BeamSearchParams:
         self.check_prompt_logprobs()
         if self.suffix:
             raise ValueError("suffix is not supported")
@@ -474,7 +527,7 @@ class ChatCompletionRequest(_SamplingFields):
         schema = required_schema(self.tool_functions(), self.parallel_tool_calls is not False)
         return StructuredOutputsParams(json=schema)
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self) -> SamplingParams | BeamSearchParams:
         if not self.messages:
             raise ValueError("messages must not be empty")
         if self.top_logprobs is not None and not self.logprobs:

@@ -27,7 +27,7 @@ from pagedllm.engine.async_llm import AsyncLLM, RequestDelta, RequestStream
 from pagedllm.entrypoints.openai.errors import APIError, from_exception
 from pagedllm.entrypoints.openai.protocol import SAMPLING_PARAM_NAMES
 from pagedllm.outputs import Logprob
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,7 +57,9 @@ class OpenAIServing:
             404, f"the model {name!r} does not exist", param="model", code="model_not_found"
         )
 
-    def check_length(self, num_prompt: int, params: SamplingParams, prompt_param: str) -> None:
+    def check_length(
+        self, num_prompt: int, params: SamplingParams | BeamSearchParams, prompt_param: str
+    ) -> None:
         """400 unless the prompt plus max_tokens fits the context, as vLLM words it."""
         limit = self.max_model_len
         if num_prompt >= limit:
@@ -80,7 +82,10 @@ class OpenAIServing:
             )
 
     async def start(
-        self, base_id: str, prompts: Sequence[list[int]], params: SamplingParams
+        self,
+        base_id: str,
+        prompts: Sequence[list[int]],
+        params: SamplingParams | BeamSearchParams,
     ) -> list[RequestStream]:
         """Queue one engine request per prompt, all at once; all or none are kept."""
         adds = [

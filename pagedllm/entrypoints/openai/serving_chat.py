@@ -42,7 +42,7 @@ from pagedllm.entrypoints.openai.tool_calls import (
     parse_required,
 )
 from pagedllm.outputs import Logprob
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 _PARAMS = (
     *SAMPLING_PARAM_NAMES,
@@ -111,7 +111,7 @@ class ChatServing(OpenAIServing):
 
     async def engine_input(
         self, body: ChatCompletionRequest, params_named: tuple[str, ...] = _PARAMS
-    ) -> tuple[SamplingParams, list[int]]:
+    ) -> tuple[SamplingParams | BeamSearchParams, list[int]]:
         """The one place a conversation becomes engine input (chat, and Anthropic's
         messages): its sampling params and prompt ids, checked; 400 naming the field."""
         try:
@@ -133,7 +133,7 @@ class ChatServing(OpenAIServing):
             "model": model,
             "system_fingerprint": self.system_fingerprint,
         }
-        num = params.logprobs
+        num = params.logprobs if isinstance(params, SamplingParams) else None
         if body.stream:
             return self.sse(self._stream(body, header, len(prompt_ids), stream, num), [stream])
         return await self.until_disconnect(
