@@ -130,6 +130,11 @@ class ServeProcess:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS line")
 
+    def allocator(self) -> str:
+        """The server's malloc: mimalloc when `pagedllm` preloaded it, else the system's."""
+        maps = Path(f"/proc/{self.pid}/maps").read_text()
+        return "mimalloc" if "libmimalloc.so" in maps else "system"
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Send `sig` and wait for the exit status."""
         assert self.proc is not None
@@ -393,6 +398,7 @@ class LoadReport:
     elapsed: float = 0.0
     rss_warm_mib: float = 0.0
     rss_after_mib: float = 0.0
+    allocator: str = ""
     preemptions: float = 0.0
     leavers: list[str] = field(default_factory=list)  # what became of the probe's leavers
     server_errors: list[str] = field(default_factory=list)  # ERROR/Traceback log lines
@@ -428,7 +434,8 @@ class LoadReport:
             + (f", the first: {self.server_errors[0][:200]}" if self.server_errors else ""),
             f"server RSS: {self.rss_warm_mib:.0f} MiB after warm-up, "
             f"{self.rss_after_mib:.0f} MiB after the load "
-            f"({(self.rss_after_mib / max(self.rss_warm_mib, 1e-9) - 1) * 100:+.1f}%)",
+            f"({(self.rss_after_mib / max(self.rss_warm_mib, 1e-9) - 1) * 100:+.1f}%, "
+            f"{self.allocator} malloc)",
             "checks: " + ("all passed" if not self.problems else "FAILED"),
             *(f"  - {p}" for p in self.problems),
         ]
@@ -535,6 +542,7 @@ async def run_load(
         report.warm_bad = [o for o in warmed if o.malformed is not None]
         await wait_idle(client)
         report.rss_warm_mib = server.rss_mib()
+        report.allocator = server.allocator()
 
         jobs = [make_job(rng, max_tokens) for _ in range(requests)]
         deadline = time.monotonic() + duration

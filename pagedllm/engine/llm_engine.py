@@ -105,8 +105,9 @@ class LLMEngine:
         torch.set_flush_denormal(True)
         torch.set_num_threads(args.threads or usable_cores())
         # oneDNN keeps every bf16 matmul kernel it compiles, one per shape (1,024 by
-        # default, ~100 MB seen growing under a server's changing batches): bound it
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+        # default, ~100 MB seen growing under a server's changing batches): bound it, above
+        # the ~150 shapes the tiles' padded row counts make (model/layers/quantized.py)
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
         path = resolve_model_path(args.model)

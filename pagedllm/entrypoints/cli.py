@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+if __name__ == "__main__":  # `python -m`: choose the allocator before torch is imported
+    from pagedllm.allocator import reexec_with_mimalloc
+
+    reexec_with_mimalloc("pagedllm.entrypoints.cli")
+
 from pagedllm.benchmarks import cli as bench_cli
 from pagedllm.entrypoints import chat, generate
 from pagedllm.entrypoints.cli_args import HelpFormatter, add_model_arg

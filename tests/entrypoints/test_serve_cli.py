@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -94,6 +95,8 @@ def test_serve_command_answers_then_stops_on_sigint():
         body = {"model": "smol", "prompt": "Hi", "max_tokens": 16, "ignore_eos": True}
         r = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+        # the command re-executed itself (same pid) on mimalloc, not glibc's malloc
+        assert "libmimalloc.so" in Path(f"/proc/{proc.pid}/maps").read_text()
         time.sleep(1.0)  # one stats tick after the activity
     finally:
         proc.send_signal(signal.SIGINT)

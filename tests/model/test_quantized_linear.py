@@ -183,3 +183,13 @@ def test_loader_names_the_file_and_tensor_when_rows_do_not_hold_whole_blocks(tmp
             torch.float32,
             quantized=True,
         )
+
+
+def test_bf16_tiles_see_few_row_counts_and_little_padding():
+    from pagedllm.model.layers.quantized import padded_rows
+
+    sizes = {padded_rows(rows) for rows in range(1, 2049)}
+    assert len(sizes) <= 24  # oneDNN caches a kernel per shape: 24 row counts × ~6 shapes
+    assert all(padded_rows(rows) >= rows for rows in range(1, 4097))
+    assert all(padded_rows(rows) % 16 == 0 for rows in range(1, 4097))
+    assert max(padded_rows(rows) / rows for rows in range(64, 4097)) <= 1.25

@@ -84,6 +84,15 @@ def kernels(level: str | None = None) -> Kernels | None:
     return Kernels(matmul, dequant, prepare, repack, level)
 
 
+def padded_rows(rows: int) -> int:
+    """`rows` rounded up to one of four sizes per power of two (16, 32, 48, 64, 80, 96,
+    112, 128, 160, ...): at most 25% more rows, and ~24 sizes up to 2,048 rows, so that
+    oneDNN's cache holds a kernel for every shape a server meets instead of compiling
+    and evicting them as batches change (which grew the heap under load)."""
+    step = max(16, 1 << max(0, rows.bit_length() - 3))
+    return -(-rows // step) * step
+
+
 def fast_tile_dtype() -> torch.dtype:
     """bfloat16 where the CPU multiplies it natively (several times float32), else float32."""
     flags = cpu_kernels.cpu_flags()
@@ -301,9 +310,9 @@ class QuantizedWeight:
         tile = max(16, TILE_BYTES // (self.cols * dtype.itemsize))
         xt = x.to(dtype)
         if dtype != torch.float32:
-            # oneDNN compiles (and caches) a kernel per shape: rows padded to a multiple of
-            # 16 keep the shapes few as the batch changes step by step
-            xt = torch.nn.functional.pad(xt, (0, 0, 0, -xt.shape[0] % 16))
+            # oneDNN compiles (and caches) a kernel per shape: rows padded to a few sizes
+            # keep the shapes few as the batch changes step by step
+            xt = torch.nn.functional.pad(xt, (0, 0, 0, padded_rows(xt.shape[0]) - xt.shape[0]))
         for start in range(0, rows, tile):
             stop = min(rows, start + tile)
             w = self.dequantize(start, stop, dtype)
