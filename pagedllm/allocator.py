@@ -8,7 +8,9 @@ requests per second: BENCHMARKS.md, issue 17). An allocator must be in place bef
 process's first malloc, so the command line re-executes itself once with ``LD_PRELOAD``
 naming mimalloc, as PyTorch's CPU tuning guide does with jemalloc or tcmalloc.
 
-``PAGEDLLM_ALLOCATOR=system`` keeps glibc's. Where mimalloc is not installed (it comes
+``PAGEDLLM_ALLOCATOR=system`` keeps glibc's, a user's own ``LD_PRELOAD`` is left as it
+is, and the command is re-executed unchanged otherwise (interpreter flags and arguments
+as given, same pid). Where mimalloc is not installed (it comes
 from the ``cmeel-mimalloc`` wheel on x86-64 Linux) nothing changes. The offline ``LLM``
 runs in its caller's process: preload the library there (``python -m pagedllm.allocator``
 prints its path).
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 ENV = "PAGEDLLM_ALLOCATOR"  # "mimalloc" (the default) or "system"
+_REEXECUTED = "PAGEDLLM_ALLOCATOR_REEXECUTED"  # set in the re-executed process
 _LIBRARY = "libmimalloc.so"
 
 
@@ -38,26 +41,32 @@ def mimalloc_library() -> Path | None:
     return None
 
 
-def reexec_with_mimalloc(module: str) -> None:
-    """Run this command again as ``python -m module ARGS`` with mimalloc preloaded, unless
-    it already is, the user chose the system allocator, or there is no mimalloc."""
-    if sys.platform != "linux" or os.environ.get(ENV, "mimalloc") == "system":
+def reexec_with_mimalloc() -> None:
+    """Run this command again, exactly as it was started (same interpreter flags and
+    arguments, same pid), with mimalloc preloaded; unless it was already re-executed, the
+    user preloads something of their own (say jemalloc or tcmalloc, as PyTorch's guide
+    suggests), chose the system allocator, or there is no mimalloc."""
+    if (
+        sys.platform != "linux"
+        or os.environ.get(ENV, "mimalloc") == "system"
+        or os.environ.get(_REEXECUTED)
+        or os.environ.get("LD_PRELOAD")
+    ):
         return
-    preload = os.environ.get("LD_PRELOAD", "")
-    if _LIBRARY in preload:
-        return  # the re-executed process (or the user preloaded it)
     library = mimalloc_library()
     if library is None:
         return
-    env = {**os.environ, "LD_PRELOAD": ":".join(p for p in (str(library), preload) if p)}
+    # The marker, not LD_PRELOAD, ends the recursion: the loader drops LD_PRELOAD for a
+    # privileged interpreter (setcap, setuid), which would otherwise re-execute forever.
+    env = {**os.environ, "LD_PRELOAD": str(library), _REEXECUTED: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def cli() -> None:
     """The `pagedllm` console script: the allocator first, then the command line."""
-    reexec_with_mimalloc("pagedllm.entrypoints.cli")
+    reexec_with_mimalloc()
     from pagedllm.entrypoints.cli import run
 
     run()

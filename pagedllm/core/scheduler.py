@@ -65,12 +65,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- intake
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, admitted: bool = False) -> None:
         """Queue a new request, or refuse it now if it could never run to the end.
 
         Raises ValueError (request marked FINISHED_IGNORED) when its prompt plus
         max_tokens exceeds the model's context or the whole KV pool, and
-        QueueFullError when the waiting queue is full.
+        QueueFullError when the waiting queue is full, unless `admitted`: the request
+        continues one already admitted (a beam search's re-queued beam), which a full
+        queue must not fail midway.
         """
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
@@ -85,7 +87,7 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_IGNORED
             raise ValueError(f"request {request.request_id!r} rejected: {problem}")
         max_waiting = self.scheduler_config.max_waiting
-        if max_waiting is not None and len(self.waiting) >= max_waiting:
+        if not admitted and max_waiting is not None and len(self.waiting) >= max_waiting:
             raise QueueFullError(
                 f"request {request.request_id!r} refused: {len(self.waiting)} requests are "
                 f"already waiting (max_waiting={max_waiting})"

@@ -26,6 +26,7 @@ waiting ones need its blocks, ``unstick`` gives them up: it is recomputed later)
 from __future__ import annotations
 
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,15 +53,20 @@ class _Search:
     metrics: RequestMetrics
     pending: dict[str, Candidates] = field(default_factory=dict)  # sampled, not yet chosen
     num_cached_tokens: int = 0
-    num_beams_made: int = 1
+    num_beams_made: int = 0
 
     @property
     def ready(self) -> bool:
         return bool(self.request_ids) and len(self.pending) == len(self.request_ids)
 
-    def new_beam_id(self) -> str:
-        self.num_beams_made += 1
-        return f"{self.user_id}#beam{self.num_beams_made - 1}"
+    def new_beam_id(self, taken: Container[str]) -> str:
+        """The next beam's request id, never one in `taken` (a caller may have named a
+        request so)."""
+        while True:
+            self.num_beams_made += 1
+            beam_id = f"{self.user_id}#beam{self.num_beams_made - 1}"
+            if beam_id not in taken:
+                return beam_id
 
 
 @dataclass
@@ -101,6 +107,7 @@ class BeamSearchDriver:
         prompt_token_ids: list[int],
         params: BeamSearchParams,
         arrival_time: float,
+        priority: int = 0,
     ) -> None:
         """Start a search with one beam: the prompt (ValueError if it can never fit)."""
         if user_id in self._searches:
@@ -112,17 +119,30 @@ class BeamSearchDriver:
         # engine's own use, and beam_width > 10 needs more. EOS and max_tokens are the
         # search's to judge.
         sampling.logprobs = min(2 * params.beam_width, self.vocab_size)
-        eos = self.tokenizer.eos_token_id
-        beam_id = f"{user_id}#beam0"
-        request = Request(beam_id, prompt_token_ids, sampling, eos, arrival_time=arrival_time)
-        self.scheduler.add_request(request)  # resolves max_tokens; raises if it never fits
-        assert request.max_tokens is not None
+        tokenizer = self.tokenizer
+        # as the scheduler resolves it: the user's value, or the context the prompt leaves
+        max_tokens = params.max_tokens or self.scheduler.default_max_len - len(prompt_token_ids)
         state = BeamSearchState(
-            params.beam_width, request.max_tokens, params.length_penalty, params.ignore_eos, eos
+            params.beam_width,
+            max_tokens,
+            params.length_penalty,
+            params.ignore_eos,
+            tokenizer.eos_token_id,
+            tokenizer.end_of_turn_ids,
         )
-        search = _Search(
-            user_id, prompt, prompt_token_ids, state, [beam_id], RequestMetrics(arrival_time)
+        search = _Search(user_id, prompt, prompt_token_ids, state, [], RequestMetrics(arrival_time))
+        beam_id = search.new_beam_id(self.scheduler.requests)
+        request = Request(
+            beam_id,
+            prompt_token_ids,
+            sampling,
+            tokenizer.eos_token_id,
+            arrival_time=arrival_time,
+            priority=priority,
         )
+        self.scheduler.add_request(request)  # raises if it can never fit
+        assert request.max_tokens == max_tokens
+        search.request_ids = [beam_id]
         self._searches[user_id] = search
         self._owner[beam_id] = search
 
@@ -190,18 +210,11 @@ class BeamSearchDriver:
         for request in stuck:
             old_id = request.request_id
             search = self._owner.pop(old_id)
-            new_id = search.new_beam_id()
+            new_id = search.new_beam_id(scheduler.requests)
             scheduler.finish_requests(old_id, RequestStatus.FINISHED_ABORTED)
             self.runner.release([old_id])
             scheduler.add_request(
-                Request(
-                    new_id,
-                    request.prompt_token_ids,
-                    request.sampling_params,
-                    eos_token_id=request.eos_token_id,
-                    arrival_time=request.arrival_time,
-                    output_token_ids=request.output_token_ids,
-                )
+                _requeued(request, new_id, request.output_token_ids), admitted=True
             )
             self._owner[new_id] = search
             search.request_ids[search.request_ids.index(old_id)] = new_id
@@ -209,9 +222,13 @@ class BeamSearchDriver:
         return bool(stuck)
 
     def abort(self, user_id: str, error: str | None = None) -> RequestOutput:
-        """End a search now, freeing every beam; its output has no sequences."""
+        """End a search now, freeing every beam; its output has no sequences.
+
+        Every request the search owns is freed, whatever its plan said (a step that
+        failed between ``take`` and ``apply`` leaves plans half done)."""
         search = self._searches.pop(user_id)
-        self._abort_beams(search.request_ids)
+        self._abort_beams([rid for rid, owner in self._owner.items() if owner is search])
+        self._plans = [plan for plan in self._plans if plan.search is not search]
         search.request_ids = []
         search.metrics.finished_time = time.monotonic()
         return RequestOutput(
@@ -251,7 +268,7 @@ class BeamSearchDriver:
                 plan.extend[parent_id] = survivor.token_id
                 new_ids.append(parent_id)
             else:
-                child_id = search.new_beam_id()
+                child_id = search.new_beam_id(requests)
                 output = [*requests[parent_id].output_token_ids, survivor.token_id]
                 plan.forks.append((parent_id, child_id, output))
                 new_ids.append(child_id)
@@ -275,15 +292,7 @@ class BeamSearchDriver:
         else:
             # A preempted parent holds no blocks to share: the child is recomputed,
             # taking back from the prefix cache whatever full blocks survived.
-            child = Request(
-                child_id,
-                parent.prompt_token_ids,
-                parent.sampling_params,
-                eos_token_id=parent.eos_token_id,
-                arrival_time=parent.arrival_time,
-                output_token_ids=output_ids,
-            )
-            scheduler.add_request(child)
+            scheduler.add_request(_requeued(parent, child_id, output_ids), admitted=True)
 
     def _output(self, search: _Search) -> RequestOutput:
         """A finished search as a request's output: its beams, best score first."""
@@ -312,3 +321,17 @@ class BeamSearchDriver:
             metrics=metrics,
             num_cached_tokens=search.num_cached_tokens,
         )
+
+
+def _requeued(beam: Request, request_id: str, output_token_ids: list[int]) -> Request:
+    """A new request recomputing a beam's tokens (a preempted parent's child, or a beam
+    giving up its blocks): admitted already, so a full waiting queue takes it too."""
+    return Request(
+        request_id,
+        beam.prompt_token_ids,
+        beam.sampling_params,
+        eos_token_id=beam.eos_token_id,
+        arrival_time=beam.arrival_time,
+        priority=beam.priority,
+        output_token_ids=output_token_ids,
+    )

@@ -260,7 +260,7 @@ class LLMEngine:
             self._add_embedding(request_id, prompt, params, arrival_time, priority)
             return
         if isinstance(params, BeamSearchParams):
-            self._add_beam_search(request_id, prompt, params, arrival_time)
+            self._add_beam_search(request_id, prompt, params, arrival_time, priority)
             return
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams")
@@ -313,6 +313,7 @@ class LLMEngine:
         prompt: PromptType,
         params: BeamSearchParams,
         arrival_time: float | None,
+        priority: int,
     ) -> None:
         """A beam search: its beams run in the same steps as every other request
         (`pagedllm.engine.beam_search`); its one output comes when it ends."""
@@ -322,7 +323,7 @@ class LLMEngine:
                 "without speculative_config"
             )
         text, ids = self.tokenize_prompt(prompt)
-        self.beams.add(request_id, text, ids, params, arrival_time or time.monotonic())
+        self.beams.add(request_id, text, ids, params, arrival_time or time.monotonic(), priority)
 
     def _in_use(self, request_id: str) -> bool:
         return (

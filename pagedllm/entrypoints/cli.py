@@ -8,7 +8,7 @@ import sys
 if __name__ == "__main__":  # `python -m`: choose the allocator before torch is imported
     from pagedllm.allocator import reexec_with_mimalloc
 
-    reexec_with_mimalloc("pagedllm.entrypoints.cli")
+    reexec_with_mimalloc()
 
 from pagedllm.benchmarks import cli as bench_cli
 from pagedllm.entrypoints import chat, generate

@@ -7,9 +7,11 @@ continuations live on and which beams are finished. The engine's driver
 
 The algorithm is vLLM's (``LLM.beam_search``):
 
-- each live beam offers its top ``2 * beam_width`` tokens (a beam has at most one
-  EOS among them, so ``beam_width`` non-EOS ones are always left to choose from);
-- a candidate ending in EOS (unless ``ignore_eos``) goes to the finished pool; the
+- each live beam offers its top ``2 * beam_width`` tokens (with one end token, EOS,
+  ``beam_width`` others are always left to choose from; a chat model's end-of-turn
+  tokens end a beam too, and when every candidate is an end the search stops early);
+- a candidate ending in EOS or an end of turn (unless ``ignore_eos``) goes to the
+  finished pool; the
   other candidates of all beams compete, and the ``beam_width`` with the highest
   cumulative logprob live on (ties go to the earlier beam, then the likelier token);
 - after ``max_tokens`` tokens every live beam is finished; the search stops there,
@@ -25,7 +27,7 @@ choice does not change the order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 
@@ -69,11 +71,14 @@ class BeamSearchState:
         length_penalty: float = 1.0,
         ignore_eos: bool = False,
         eos_token_id: int | None = None,
+        end_of_turn_ids: Collection[int] = (),
     ) -> None:
         self.beam_width = beam_width
         self.max_tokens = max_tokens
         self.length_penalty = length_penalty
-        self.eos_token_id = None if ignore_eos else eos_token_id
+        # tokens that end a beam as EOS does: a chat model's end of turn too
+        ends = {eos_token_id, *end_of_turn_ids} - {None}
+        self.end_ids: frozenset[int] = frozenset() if ignore_eos else frozenset(ends)  # type: ignore[arg-type]
         self.live: list[Beam] = [Beam()]
         self.finished: list[Beam] = []  # the best `beam_width` so far, best first
 
@@ -95,12 +100,12 @@ class BeamSearchState:
         if len(candidates) != len(self.live):
             raise ValueError(f"got candidates for {len(candidates)} beams, {len(self.live)} live")
         k = self.num_candidates
-        eos = self.eos_token_id
+        ends = self.end_ids
         growing: list[Survivor] = []
         for i, (beam, (token_ids, logprobs)) in enumerate(zip(self.live, candidates, strict=True)):
             for token_id, logprob in zip(token_ids[:k], logprobs[:k], strict=True):
                 cum = beam.cum_logprob + logprob
-                if token_id == eos:
+                if token_id in ends:
                     self._finish(Beam([*beam.token_ids, token_id], cum, "stop"))
                 else:
                     growing.append(Survivor(i, token_id, cum))

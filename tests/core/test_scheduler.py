@@ -346,6 +346,9 @@ def test_full_waiting_queue_refuses_new_requests():
     sched.add_request(make_request("a", 3))
     with pytest.raises(QueueFullError, match="max_waiting=1"):
         sched.add_request(make_request("b", 3))
+    # a continuation of an admitted request (a re-queued beam) is never refused
+    sched.add_request(make_request("c", 3), admitted=True)
+    assert len(sched.waiting) == 2 and "c" in sched.requests
 
 
 def test_fork_validation_changes_nothing_on_error():

@@ -23,6 +23,7 @@ from pagedllm.sample.beam_search import BeamSearchState
 from pagedllm.sampling_params import BeamSearchParams
 from pagedllm.worker.model_runner import RunnerOutput, SampledRow
 from tests.core.fake_worker import FakeWorker
+from tests.core.utils import make_request
 
 VOCAB = 12
 EOS = 0
@@ -55,27 +56,38 @@ class FakeRunner:
 
 
 def fake_driver(num_blocks: int, block_size: int = 4, max_num_seqs: int = 64):
+    # a waiting queue the prompts fill: re-queued beams must be taken all the same
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=64, max_waiting=len(PROMPTS))
     scheduler = Scheduler(
-        SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=64),
+        config,
         CacheConfig(block_size=block_size),
         num_blocks,
     )
     tokenizer = SimpleNamespace(
-        eos_token_id=EOS, decode=lambda t, skip_special_tokens=True: " ".join(map(str, t))
+        eos_token_id=EOS,
+        end_of_turn_ids=[],
+        decode=lambda t, skip_special_tokens=True: " ".join(map(str, t)),
     )
     return BeamSearchDriver(scheduler, FakeRunner(scheduler), tokenizer, VOCAB)
 
 
-def run(driver: BeamSearchDriver, prompts, params, fail_at_step: int | None = None):
-    """The beam part of `LLMEngine.step`, until every search ends; outputs by prompt."""
+def run(
+    driver: BeamSearchDriver,
+    prompts,
+    params,
+    fail_at_step: int | None = None,
+    fail_after_take: bool = False,
+):
+    """The beam part of `LLMEngine.step`, until every search ends; outputs by prompt.
+    Rows of other requests (not beams) are recorded as plain tokens, as the engine does."""
     scheduler = driver.scheduler
     for i, prompt in enumerate(prompts):
         driver.add(f"search{i}", None, prompt, params, arrival_time=0.0)
     outputs = {}
     for step in itertools.count():
-        if not scheduler.has_unfinished_requests():
+        if len(outputs) == len(prompts):
             break
-        if step == fail_at_step:
+        if step == fail_at_step and not fail_after_take:
             raise KeyboardInterrupt
         sched = scheduler.schedule()
         if sched.is_empty:
@@ -83,8 +95,11 @@ def run(driver: BeamSearchDriver, prompts, params, fail_at_step: int | None = No
             continue
         sampled = driver.runner.execute(sched, scheduler.requests).sampled
         tokens = driver.take(sampled)
-        assert not sampled  # every row was a beam's
-        scheduler.update_from_output(sched, tokens)
+        if step == fail_at_step and fail_after_take:
+            raise KeyboardInterrupt
+        scheduler.update_from_output(
+            sched, tokens | {rid: row.token_ids[:1] for rid, row in sampled.items()}
+        )
         for output in driver.apply():
             outputs[output.request_id] = output
         scheduler.check_invariants()
@@ -130,10 +145,13 @@ def test_driver_finds_what_the_pure_search_finds(num_blocks, block_size, max_num
         assert scheduler.num_preemptions_total > 0
 
 
-def test_an_abort_midway_frees_every_beam():
+@pytest.mark.parametrize("fail_after_take", [False, True], ids=["between-steps", "mid-step"])
+def test_an_abort_midway_frees_every_beam(fail_after_take):
     driver = fake_driver(256)
     with pytest.raises(KeyboardInterrupt):
-        run(driver, PROMPTS, BeamSearchParams(3, 9), fail_at_step=4)
+        run(
+            driver, PROMPTS, BeamSearchParams(3, 9), fail_at_step=4, fail_after_take=fail_after_take
+        )
     assert len(driver.live_request_ids()) > len(PROMPTS)  # forks were live
     for i in range(len(PROMPTS)):
         output = driver.abort(f"search{i}", error="gone")
@@ -150,3 +168,15 @@ def test_a_search_id_in_use_is_refused():
     driver.add("a", None, [1, 2], BeamSearchParams(2, 2), arrival_time=0.0)
     with pytest.raises(ValueError, match="already in use"):
         driver.add("a", None, [1, 2], BeamSearchParams(2, 2), arrival_time=0.0)
+
+
+def test_beam_ids_step_around_requests_a_caller_named_so():
+    driver = fake_driver(256)
+    taken = make_request("search0#beam1", 4, max_tokens=40)
+    driver.scheduler.add_request(taken)
+    params = BeamSearchParams(3, 9)
+    (output,) = run(driver, PROMPTS[:1], params)
+    assert [(c.token_ids, c.cumulative_logprob) for c in output.outputs] == [
+        (tokens, cum) for tokens, cum, _ in expected(PROMPTS[0], params)
+    ]
+    assert "search0#beam1" in driver.scheduler.requests  # untouched

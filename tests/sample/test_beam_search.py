@@ -114,3 +114,15 @@ def test_candidates_must_match_the_live_beams():
     state = BeamSearchState(beam_width=2, max_tokens=3)
     with pytest.raises(ValueError, match="candidates for 2 beams"):
         state.step([([1], [0.0]), ([2], [0.0])])
+
+
+def test_end_of_turn_tokens_end_a_beam_as_eos_does():
+    end_of_turn = 7
+    state = BeamSearchState(2, 5, eos_token_id=EOS, end_of_turn_ids=[end_of_turn])
+    state.step([([end_of_turn, 1, 2, 3], [-0.1, -1.0, -2.0, -3.0])])
+    assert [b.token_ids for b in state.finished] == [[end_of_turn]]
+    assert state.finished[0].finish_reason == "stop"
+    assert [b.token_ids for b in state.live] == [[1], [2]]
+    ignoring = BeamSearchState(2, 5, ignore_eos=True, eos_token_id=EOS, end_of_turn_ids=[7])
+    ignoring.step([([end_of_turn, 1, 2, 3], [-0.1, -1.0, -2.0, -3.0])])
+    assert not ignoring.finished and [b.token_ids for b in ignoring.live] == [[7], [1]]

@@ -201,7 +201,7 @@ class _SamplingFields(_Body):
         raises ValueError naming the bad one."""
         if self.use_beam_search:
             return self._beam_search_params(max_tokens, logprobs, prompt_logprobs)
-        if self.length_penalty is not None:
+        if self.length_penalty not in (None, 1):  # 1, the neutral value, some clients send
             raise ValueError("length_penalty: applies to beam search only (use_beam_search)")
         values: dict[str, object] = {
             "max_tokens": max_tokens,
