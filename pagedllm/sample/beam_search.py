@@ -15,7 +15,8 @@ The algorithm is vLLM's (``LLM.beam_search``):
   other candidates of all beams compete, and the ``beam_width`` with the highest
   cumulative logprob live on (ties go to the earlier beam, then the likelier token);
 - after ``max_tokens`` tokens every live beam is finished; the search stops there,
-  or earlier when no beam is left alive;
+  or earlier when no beam is left alive or none can beat the finished pool any more
+  (an exact bound, so the answer is the same);
 - finished beams are ranked by ``score = cum_logprob / length ** length_penalty``.
 
 ``length`` counts the generated tokens, not counting a final EOS (as HF transformers
@@ -120,8 +121,22 @@ class BeamSearchState:
                 beam.finish_reason = "length"
                 self._finish(beam)
             new_live = []
+        if new_live and self._cannot_improve(new_live):
+            new_live = []  # what searching on to max_tokens would answer anyway
         self.live = new_live
         return survivors
+
+    def _cannot_improve(self, live: list[Beam]) -> bool:
+        """Whether the finished pool is full and no live beam can ever beat its worst.
+
+        A beam's cum logprob only falls as it grows, so with ``length_penalty >= 0`` any
+        beam it becomes scores at most ``cum / max_tokens ** length_penalty``: an exact
+        bound, so stopping here changes no answer. It ends a chat search at its model's
+        last end of turn instead of at ``max_tokens`` (which defaults to the context)."""
+        if len(self.finished) < self.beam_width or self.length_penalty < 0:
+            return False
+        best_cum = max(beam.cum_logprob for beam in live)
+        return best_cum / self.max_tokens**self.length_penalty <= self.finished[-1].score
 
     def _finish(self, beam: Beam) -> None:
         beam.score = beam_score(

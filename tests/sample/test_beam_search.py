@@ -126,3 +126,39 @@ def test_end_of_turn_tokens_end_a_beam_as_eos_does():
     ignoring = BeamSearchState(2, 5, ignore_eos=True, eos_token_id=EOS, end_of_turn_ids=[7])
     ignoring.step([([end_of_turn, 1, 2, 3], [-0.1, -1.0, -2.0, -3.0])])
     assert not ignoring.finished and [b.token_ids for b in ignoring.live] == [[7], [1]]
+
+
+class _SearchToTheEnd(BeamSearchState):
+    def _cannot_improve(self, live):
+        return False
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.5, 1.0, 2.0, -0.5])
+def test_stopping_early_never_changes_the_answer(length_penalty):
+    import random
+
+    stopped_early = 0
+    for trial in range(200):
+        rng = random.Random(trial)
+        width, max_tokens = rng.randint(1, 3), rng.randint(2, 12)
+
+        def candidates(tokens, k=2 * width, rng_seed=trial):
+            r = random.Random(f"{rng_seed}:{tokens}")
+            weights = [r.random() ** 3 for _ in range(6)]
+            weights[EOS] *= 4  # ends are common, so the pool fills before max_tokens
+            total = sum(weights)
+            ranked = sorted(range(6), key=lambda t: -weights[t])[:k]
+            return ranked, [math.log(weights[t] / total) for t in ranked]
+
+        results, steps = [], []
+        for cls in (BeamSearchState, _SearchToTheEnd):
+            state = cls(width, max_tokens, length_penalty, eos_token_id=EOS)
+            n = 0
+            while not state.done:
+                state.step([candidates(tuple(b.token_ids)) for b in state.live])
+                n += 1
+            results.append([(b.token_ids, b.cum_logprob, b.score) for b in state.best()])
+            steps.append(n)
+        assert results[0] == results[1], trial
+        stopped_early += steps[0] < steps[1]
+    assert stopped_early > 0 if length_penalty >= 0 else stopped_early == 0
