@@ -229,7 +229,6 @@ class BeamSearchDriver:
         search = self._searches.pop(user_id)
         self._abort_beams([rid for rid, owner in self._owner.items() if owner is search])
         self._plans = [plan for plan in self._plans if plan.search is not search]
-        search.request_ids = []
         search.metrics.finished_time = time.monotonic()
         return RequestOutput(
             user_id,

@@ -303,7 +303,6 @@ SAMPLING_PARAM_NAMES = (
     "ignore_eos",
     "skip_special_tokens",
     "length_penalty",
-    *_NEUTRAL_FOR_BEAM_SEARCH,
 )
 
 
