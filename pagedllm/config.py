@@ -131,20 +131,102 @@ class SpeculativeConfig:
         """From `--speculative-config`'s JSON or `LLM(speculative_config=...)`'s dict."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"speculative_config is not JSON: {e}") from e
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
         fields = set(cls.__dataclass_fields__)
-        unknown = set(value) - fields
-        if unknown or "method" not in value:
+        values = _json_object("speculative_config", value, fields)
+        if "method" not in values:
             raise ValueError(
-                f"speculative_config takes {sorted(fields)} (method required), got {sorted(value)}"
+                f"speculative_config takes {sorted(fields)} (method required), got {sorted(values)}"
             )
-        return cls(**value)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class KVOffloadConfig:
+    """Where KV blocks evicted from the pool are kept for later prefix hits, in the shape
+    `{"host_gib": 4, "disk_path": PATH, "disk_gib": 20}` (a dict, or that JSON as text):
+    a host-memory LRU of `host_gib` (0: none) in front of a disk tier under `disk_path`."""
+
+    host_gib: float = 4.0
+    disk_path: str | None = None
+    disk_gib: float = 20.0
+
+    def __post_init__(self) -> None:
+        for name in ("host_gib", "disk_gib"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"kv_offload {name} must be a number of GiB, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"kv_offload {name} must be >= 0, got {value}")
+        if self.disk_path is not None and not (isinstance(self.disk_path, str) and self.disk_path):
+            raise ValueError(f"kv_offload disk_path must be a path, got {self.disk_path!r}")
+        if self.disk_path is not None and self.disk_gib <= 0:
+            raise ValueError("kv_offload disk_gib must be > 0 with a disk_path")
+        if not self.host_gib and self.disk_path is None:
+            raise ValueError("kv_offload needs host_gib > 0 or a disk_path")
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | None) -> KVOffloadConfig | None:
+        """From `--kv-offload`'s JSON or `LLM(kv_offload=...)`'s dict."""
+        if value is None or isinstance(value, KVOffloadConfig):
+            return value
+        return cls(**_json_object("kv_offload", value, set(cls.__dataclass_fields__)))
+
+
+KV_ROLES = ("kv_producer", "kv_consumer")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """Prefill/decode disaggregation, in vLLM's shape: `{"kv_role": "kv_producer",
+    "kv_ip": "127.0.0.1", "kv_port": 14579, "kv_buffer_gib": 2}`. A producer (prefill
+    instance) keeps the KV blocks it computes in a host buffer of `kv_buffer_gib` and
+    serves them on kv_ip:kv_port; a consumer (decode instance) pulls a request's prompt
+    blocks from the producer its `kv_transfer_params` name. (`kv_connector` is accepted
+    and ignored: there is one.)"""
+
+    kv_role: str
+    kv_ip: str = "127.0.0.1"
+    kv_port: int = 14579
+    kv_buffer_gib: float = 2.0
+    kv_connector: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_role not in KV_ROLES:
+            raise ValueError(
+                f"kv_transfer_config kv_role must be one of {KV_ROLES}, got {self.kv_role!r}"
+            )
+        if not isinstance(self.kv_ip, str) or not self.kv_ip:
+            raise ValueError(f"kv_transfer_config kv_ip must be an address, got {self.kv_ip!r}")
+        _check_int("kv_transfer_config kv_port", self.kv_port, minimum=0, maximum=65535)
+        value = self.kv_buffer_gib
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"kv_transfer_config kv_buffer_gib must be > 0, got {value!r}")
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | None) -> KVTransferConfig | None:
+        """From `--kv-transfer-config`'s JSON or `LLM(kv_transfer_config=...)`'s dict."""
+        if value is None or isinstance(value, KVTransferConfig):
+            return value
+        fields = set(cls.__dataclass_fields__)
+        values = _json_object("kv_transfer_config", value, fields)
+        if "kv_role" not in values:
+            raise ValueError("kv_transfer_config needs kv_role (kv_producer or kv_consumer)")
+        return cls(**values)
+
+
+def _json_object(name: str, value: object, fields: set[str]) -> dict[str, Any]:
+    """A flag's JSON object (or a dict), with no keys outside `fields`."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} is not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    unknown = set(value) - fields
+    if unknown:
+        raise ValueError(f"{name} takes {sorted(fields)}, got unknown {sorted(unknown)}")
+    return value
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -178,6 +260,8 @@ class EngineArgs:
     threads: int | None = None  # None: every core the process may run on
     speculative_config: str | dict[str, Any] | None = None  # see SpeculativeConfig
     pooling: str = "auto"  # embedding requests: auto (the model's, else last), last, mean, cls
+    kv_offload: str | dict[str, Any] | None = None  # see KVOffloadConfig
+    kv_transfer_config: str | dict[str, Any] | None = None  # see KVTransferConfig
 
     def __post_init__(self) -> None:
         _check_bool("exact_matmul", self.exact_matmul)
@@ -204,6 +288,15 @@ class EngineArgs:
             raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {self.pooling!r}")
         # the parts validate themselves
         self.speculative = SpeculativeConfig.parse(self.speculative_config)
+        self.kv_offload_config = KVOffloadConfig.parse(self.kv_offload)
+        self.kv_transfer = KVTransferConfig.parse(self.kv_transfer_config)
+        if self.kv_transfer is not None and self.kv_offload_config is not None:
+            raise ValueError("kv_offload and kv_transfer_config cannot be combined (yet)")
+        if (self.kv_offload_config or self.kv_transfer) and not self.enable_prefix_caching:
+            raise ValueError(
+                "kv_offload and kv_transfer_config move blocks by their prefix-cache hash: "
+                "they need enable_prefix_caching"
+            )
         self.cache_config(num_blocks=self.num_kv_blocks)
         self.scheduler_config(self.max_model_len or 2**20)
 
@@ -253,6 +346,12 @@ ENGINE_ARG_HELP = {
     'or \'{"method": "draft_model", "model": "PATH", "num_speculative_tokens": 4}\'',
     "pooling": "how embedding requests pool the prompt's hidden states: auto (the model's "
     "pooling type where its file names one, else last), last, mean or cls (normalised)",
+    "kv_offload": "keep KV blocks evicted from the pool for later prefix hits, as JSON: "
+    '\'{"host_gib": 4, "disk_path": "PATH", "disk_gib": 20}\' (a host-memory LRU, then files '
+    "under disk_path that outlive the server; one tier is enough)",
+    "kv_transfer_config": 'prefill/decode disaggregation, as JSON: \'{"kv_role": '
+    '"kv_producer", "kv_ip": "127.0.0.1", "kv_port": 14579, "kv_buffer_gib": 2}\' on a '
+    "prefill instance, kv_consumer on a decode instance; `pagedllm router` pairs them",
     "exact_matmul": "multiply quantized GGUF weights in float32 from their exact values "
     "(matches transformers; default: int8 activations, a scale per 16 values, as llama.cpp)",
     "threads": "CPU threads for kernels and torch (default: every core this process may use)",

@@ -69,6 +69,27 @@ _ENGINE_METRICS = {
     ),
 }
 
+# the KV connector's counters (LLMEngine.get_metrics has them only with a connector):
+# kv_offload_* for --kv-offload (tiers host, disk), kv_transfer_* for disaggregation
+_CONNECTOR_COUNTERS = {
+    "blocks_saved": "KV blocks copied out of the pool to keep.",
+    "bytes_saved": "Bytes of KV copied out of the pool to keep.",
+    "blocks_looked_up": "KV blocks past a local prefix hit looked up.",
+    "bytes_loaded": "Bytes of KV loaded into the pool.",
+    "load_failures": "Loads that stopped short (block gone, corrupt, unreachable): recomputed.",
+    "loads": "Requests whose prompt KV was loaded.",
+    "load_seconds": "Seconds spent loading KV (sum over loads).",
+}
+_CONNECTOR_METRICS = {
+    f"{prefix}_{name}": text
+    for prefix in ("kv_offload", "kv_transfer")
+    for name, text in _CONNECTOR_COUNTERS.items()
+}
+for _prefix, _tier in (("kv_offload", "host"), ("kv_offload", "disk"), ("kv_transfer", "remote")):
+    _CONNECTOR_METRICS[f"{_prefix}_{_tier}_hits"] = f"Looked-up KV blocks found ({_tier})."
+    _CONNECTOR_METRICS[f"{_prefix}_blocks_loaded_{_tier}"] = f"KV blocks loaded ({_tier})."
+_ENGINE_METRICS |= {key: (key, "counter", text) for key, text in _CONNECTOR_METRICS.items()}
+
 
 class _EngineCollector(Collector):
     """Exports the latest engine counters and gauges at scrape time."""
@@ -80,6 +101,8 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self.stats
         for key, (name, kind, help_text) in _ENGINE_METRICS.items():
+            if key in _CONNECTOR_METRICS and key not in stats:
+                continue
             family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
             metric = family(PREFIX + name, help_text, labels=["model_name"])
             metric.add_metric([self.model_name], float(stats.get(key, 0)))
@@ -211,4 +234,14 @@ class StatsLine:
         if drafted:
             accepted = grew("spec_decode_num_accepted_tokens")
             line += f", Draft acceptance rate: {100 * accepted / drafted:.1f}%"
+        host, disk = grew("kv_offload_blocks_loaded_host"), grew("kv_offload_blocks_loaded_disk")
+        saved = grew("kv_offload_blocks_saved")
+        if host or disk or saved:
+            line += (
+                f", KV offload: {host + disk:.0f} blocks loaded ({host:.0f} host, "
+                f"{disk:.0f} disk), {saved:.0f} saved"
+            )
+        remote, served = grew("kv_transfer_blocks_loaded_remote"), grew("kv_transfer_blocks_saved")
+        if remote or served:
+            line += f", KV transfer: {remote:.0f} blocks pulled, {served:.0f} kept to serve"
         return line

@@ -16,11 +16,13 @@ from pagedllm.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    """Where a request is in its life; every status after PREEMPTED is final."""
+    """Where a request is in its life; every status from FINISHED_STOPPED on is final."""
 
     WAITING = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
+    # admitted, its blocks allocated, while a KV connector loads part of its prompt's KV
+    WAITING_FOR_REMOTE_KV = enum.auto()
     FINISHED_STOPPED = enum.auto()  # EOS, a stop token id or a stop string
     FINISHED_LENGTH_CAPPED = enum.auto()  # max_tokens or the model's context reached
     FINISHED_ABORTED = enum.auto()  # cancelled by the user or the engine
@@ -29,7 +31,7 @@ class RequestStatus(enum.Enum):
     @property
     def is_finished(self) -> bool:
         """True for the four final statuses."""
-        return self.value > RequestStatus.PREEMPTED.value
+        return self.value >= RequestStatus.FINISHED_STOPPED.value
 
     @property
     def finish_reason(self) -> str | None:

@@ -116,6 +116,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # a constraint on the output text (a JSON schema, regex, choice or grammar)
     structured_outputs: StructuredOutputsParams | None = None
+    # where a KV connector finds the prompt's KV (a decode instance: the prefill
+    # instance's address, as its response's kv_transfer_params gave it)
+    kv_transfer_params: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):
@@ -128,6 +131,13 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias is not None:
             self.logit_bias = _normalize_logit_bias(self.logit_bias)
+        if self.kv_transfer_params is not None and not (
+            isinstance(self.kv_transfer_params, dict)
+            and all(isinstance(k, str) for k in self.kv_transfer_params)
+        ):
+            raise ValueError(
+                f"kv_transfer_params must be a JSON object, got {self.kv_transfer_params!r}"
+            )
         self._validate()
 
     def _validate(self) -> None:

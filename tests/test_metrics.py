@@ -108,3 +108,26 @@ def test_stats_line_logs_every_interval_while_busy(caplog):
             stats_line.record([], idle, float(t))
     assert len(caplog.records) == 4  # t = 5, 10, 15, 20; silent once idle
     assert "Avg generation throughput: 10.0 tokens/s" in caplog.records[0].getMessage()
+
+
+def test_offload_counters_are_exported_only_with_an_offload_tier():
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry, "m")
+    metrics.record([], {"num_requests_running": 0}, 0.0)
+    assert b"kv_offload" not in generate_latest(registry)
+    metrics.record([], {"kv_offload_blocks_loaded_disk": 12, "kv_offload_load_seconds": 0.5}, 0.0)
+    assert _sample(registry, "pagedllm:kv_offload_blocks_loaded_disk_total") == 12
+    assert _sample(registry, "pagedllm:kv_offload_load_seconds_total") == 0.5
+
+
+def test_stats_line_reports_offloaded_blocks_moved():
+    last = {"kv_offload_blocks_loaded_host": 1}
+    now = {
+        "num_requests_running": 1,
+        "kv_offload_blocks_loaded_host": 4,
+        "kv_offload_blocks_loaded_disk": 2,
+        "kv_offload_blocks_saved": 7,
+    }
+    line = StatsLine.format(now, last, elapsed=1.0)
+    assert line is not None
+    assert line.endswith("KV offload: 5 blocks loaded (3 host, 2 disk), 7 saved")

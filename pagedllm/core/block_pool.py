@@ -101,6 +101,9 @@ class BlockPool:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_block_queue = FreeBlockQueue(self.blocks)
         self.cached_block_hash_to_block: dict[BlockHash, KVCacheBlock] = {}
+        # (hash, block id, evicted) of each block cached (False) or evicted (True) since
+        # the last take_block_events(), kept only for a KV connector (else None)
+        self.block_events: list[tuple[BlockHash, int, bool]] | None = None
 
     def get_num_free_blocks(self) -> int:
         """Blocks that can be handed out now, cached ones included (they are evictable)."""
@@ -168,6 +171,8 @@ class BlockPool:
             return False
         block.block_hash = block_hash
         self.cached_block_hash_to_block[block_hash] = block
+        if self.block_events is not None:
+            self.block_events.append((block_hash, block.block_id, False))
         return True
 
     def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
@@ -177,7 +182,18 @@ class BlockPool:
     def _evict(self, block: KVCacheBlock) -> None:
         assert block.block_hash is not None
         del self.cached_block_hash_to_block[block.block_hash]
+        if self.block_events is not None:
+            self.block_events.append((block.block_hash, block.block_id, True))
         block.block_hash = None
+
+    def take_block_events(self) -> list[tuple[BlockHash, int, bool]]:
+        """Blocks cached (their step has run) or evicted since the last call: either way
+        their KV is intact until the next step runs."""
+        events = self.block_events
+        if not events:
+            return []
+        self.block_events = []
+        return events
 
     def check_invariants(self) -> None:
         """Raise InvariantError unless the pool's bookkeeping is consistent (tests, debug)."""

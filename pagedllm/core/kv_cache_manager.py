@@ -210,14 +210,10 @@ class KVCacheManager:
         one prompt token is always left to compute (its logits are needed). Requests
         wanting prompt logprobs or every prompt state compute their whole prompt.
         """
-        if (
-            not self.enable_caching
-            or request.sampling_params.prompt_logprobs is not None
-            or request.needs_every_prompt_state
-        ):
+        hashes = self.prompt_block_hashes(request)
+        if not hashes:
             return [], 0
         seq = self._seq(request.request_id)
-        hashes = self._block_hashes(request, seq, (request.num_tokens - 1) // self.block_size)
         lookup = self.block_pool.get_cached_block
         cached = [[lookup(_group_key(h, g)) for h in hashes] for g in range(self.num_groups)]
         num_hit = len(hashes)
@@ -237,6 +233,18 @@ class KVCacheManager:
             first = 0 if window is None else self._first_visible(window, num_hit * self.block_size)
             seq.hit.append([None] * first + cached[g][first:num_hit])
         return seq.hit[0], num_hit * self.block_size
+
+    def prompt_block_hashes(self, request: Request) -> list[BlockHash]:
+        """The hashes of the full blocks a prefix hit may cover: all but the prompt's last
+        token; none when the request computes its whole prompt or caching is off."""
+        if (
+            not self.enable_caching
+            or request.sampling_params.prompt_logprobs is not None
+            or request.needs_every_prompt_state
+        ):
+            return []
+        seq = self._seq(request.request_id)
+        return self._block_hashes(request, seq, (request.num_tokens - 1) // self.block_size)
 
     def _first_visible(self, window: int, position: int) -> int:
         """The first block a query at ``position`` (or later) sees through ``window``."""

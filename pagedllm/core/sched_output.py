@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedllm.core.block_pool import BlockHash
+from pagedllm.core.kv_connector import KVLoad
+
 
 @dataclass(slots=True)
 class ScheduledRequest:
@@ -42,7 +45,9 @@ class SchedulerOutput:
     ``block_tables`` (group 0's; with more than one KV-cache layer group every group's
     are in ``group_block_tables``, group 0 first). Those are the scheduler's own lists,
     shared to save a copy per request per step: read them before the next
-    ``schedule()``, never change them.
+    ``schedule()``, never change them. With a KV connector, the worker first copies out
+    ``kv_saves`` ((hash, block id, evicted): their KV is still there), then starts
+    ``kv_loads`` (blocks of requests waiting for remote KV), then everything above.
     """
 
     scheduled_requests: list[ScheduledRequest] = field(default_factory=list)
@@ -53,6 +58,8 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: set[str] = field(default_factory=set)  # since the previous step
+    kv_saves: list[tuple[BlockHash, int, bool]] = field(default_factory=list)
+    kv_loads: list[KVLoad] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

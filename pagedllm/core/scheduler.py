@@ -9,6 +9,9 @@ free blocks last. When a running request cannot get a block, the most recently
 admitted request (under "priority": the lowest priority one) is preempted: its
 blocks are freed and it goes back to the head of the waiting queue to be
 recomputed later, taking back whatever of its KV survived in the prefix cache.
+With a KV connector (core/kv_connector.py), a waiting request whose prompt blocks
+past the prefix hit the connector holds is admitted into ``loading`` instead: it
+holds its blocks while the worker fills them, then joins ``running``.
 
 The engine calls, per step and in this order: ``schedule()``, the model on the
 returned batch, ``update_from_output()``. Aborts (``finish_requests``), new
@@ -20,8 +23,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from pagedllm.config import CacheConfig, SchedulerConfig
+from pagedllm.core.block_pool import BlockHash
 from pagedllm.core.invariants import require
 from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.kv_connector import KVConnectorScheduler, KVLoad
 from pagedllm.core.request_queue import make_request_queue
 from pagedllm.core.sched_output import ScheduledRequest, SchedulerOutput, SchedulerStats
 from pagedllm.request import Request, RequestStatus
@@ -40,8 +45,10 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         sliding_windows: Sequence[int | None] = (None,),
+        kv_connector: KVConnectorScheduler | None = None,
     ) -> None:
-        """``sliding_windows``: one entry per KV-cache layer group (None: full attention)."""
+        """``sliding_windows``: one entry per KV-cache layer group (None: full attention).
+        ``kv_connector``: where blocks past the prefix cache are kept (one group only)."""
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = scheduler_config.max_model_len
@@ -58,6 +65,18 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order; forks follow their parent
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions_total = 0
+        if kv_connector is not None and len(sliding_windows) > 1:
+            raise ValueError("a KV connector needs a model with one KV-cache layer group")
+        self.kv_connector = kv_connector
+        if kv_connector is not None:
+            self.kv_cache_manager.block_pool.block_events = []
+        # WAITING_FOR_REMOTE_KV: (tokens hit locally, blocks loading, first admission)
+        self.loading: dict[str, Request] = {}
+        self._loads: dict[str, tuple[int, int, bool]] = {}
+        self._kv_loads: list[KVLoad] = []  # started since the last schedule()
+        # aborted while loading: their blocks are freed once the load is reported
+        self._free_after_load: set[str] = set()
+        self.num_remote_tokens_total = 0  # prompt tokens a connector supplied
         # Where a request without max_tokens stops: the end of the context, or of the
         # whole KV pool when that is smaller (the last sampled token needs no slot).
         # Without the cap such a request would be refused outright on a small pool.
@@ -223,7 +242,20 @@ class Scheduler:
             finished_req_ids=self.finished_req_ids,
         )
         self.finished_req_ids = set()
+        if self.kv_connector is not None:
+            output.kv_loads, self._kv_loads = self._kv_loads, []
+            output.kv_saves = self.take_kv_saves()
         return output
+
+    def take_kv_saves(self) -> list[tuple[BlockHash, int, bool]]:
+        """Blocks cached or evicted since the last call that the connector wants saved,
+        as (hash, block id, evicted): their KV stays intact until the next step runs. The
+        engine takes them after each step too, so a block is saved as soon as computed."""
+        if self.kv_connector is None:
+            return []
+        wants = self.kv_connector.wants_block
+        events = self.kv_cache_manager.block_pool.take_block_events()
+        return [e for e in events if wants(e[0], e[2])]
 
     def _admit_waiting(
         self,
@@ -238,11 +270,19 @@ class Scheduler:
         while (
             waiting
             and budget > 0
-            and len(self.running) < cfg.max_num_seqs
+            and len(self.running) + len(self.loading) < cfg.max_num_seqs
             and len(scheduled) < cfg.max_num_seqs
         ):
             request = waiting.peek()
             computed_blocks, num_hit = kv.get_computed_blocks(request)
+            remote = self._remote_block_hashes(request, num_hit)
+            if remote:
+                num_remote = len(remote) * self.block_size
+                if kv.allocate_slots(request, num_remote, computed_blocks, num_hit) is None:
+                    break
+                waiting.pop()
+                self._start_load(request, num_hit, remote)
+                continue
             num_new = request.num_tokens - num_hit
             if not cfg.enable_chunked_prefill and num_new > budget:
                 break
@@ -260,6 +300,61 @@ class Scheduler:
             num_scheduled[request.request_id] = num_new
             budget -= num_new
         return budget
+
+    def _remote_block_hashes(self, request: Request, num_hit: int) -> list[BlockHash]:
+        """The prompt's blocks right after the local hit that the connector can supply."""
+        if self.kv_connector is None:
+            return []
+        hashes = self.kv_cache_manager.prompt_block_hashes(request)[num_hit // self.block_size :]
+        if not hashes:
+            return []
+        params = request.sampling_params.kv_transfer_params
+        num = self.kv_connector.num_loadable_blocks(hashes, params)
+        return hashes[: max(0, min(num, len(hashes)))]
+
+    def _start_load(self, request: Request, num_hit: int, hashes: list[BlockHash]) -> None:
+        """Park an admitted request while the worker fills its blocks from the connector."""
+        first = num_hit // self.block_size
+        block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
+        first_admission = request.status is RequestStatus.WAITING
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.loading[request.request_id] = request
+        self._loads[request.request_id] = (num_hit, len(hashes), first_admission)
+        self._kv_loads.append(
+            KVLoad(
+                request.request_id,
+                hashes,
+                block_ids[first : first + len(hashes)],
+                request.sampling_params.kv_transfer_params,
+            )
+        )
+
+    def finish_kv_loads(self, num_loaded: dict[str, int]) -> None:
+        """Resume requests whose loads ended: ``num_loaded[id]`` leading blocks arrived
+        (fewer than asked: the transfer failed there and the rest is recomputed)."""
+        kv = self.kv_cache_manager
+        for request_id, num_blocks in num_loaded.items():
+            if request_id in self._free_after_load:
+                self._free_after_load.discard(request_id)
+                kv.free(request_id)
+                continue
+            request = self.loading.pop(request_id, None)
+            if request is None:
+                continue
+            num_hit, num_asked, first_admission = self._loads.pop(request_id)
+            num_remote = max(0, min(num_blocks, num_asked)) * self.block_size
+            self.num_remote_tokens_total += num_remote
+            request.num_computed_tokens = num_hit + num_remote
+            if first_admission:
+                request.num_cached_tokens = num_hit + num_remote
+            request.status = RequestStatus.RUNNING
+            kv.cache_blocks(request, request.num_computed_tokens)
+            self.running.append(request)
+
+    @property
+    def num_pending_loads(self) -> int:
+        """Loads the worker has not reported yet (aborted requests' included)."""
+        return len(self.loading) + len(self._free_after_load)
 
     @staticmethod
     def _scheduled(
@@ -379,6 +474,15 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None:
                 continue
+            if request.status is RequestStatus.WAITING_FOR_REMOTE_KV:
+                # its blocks are being written: they go back once the load is reported
+                del self.loading[request_id], self._loads[request_id]
+                self._free_after_load.add(request_id)
+                del self.requests[request_id]
+                self.finished_req_ids.add(request_id)
+                request.status = status
+                done.append(request)
+                continue
             if request.status is not RequestStatus.RUNNING:
                 self.waiting.remove(request)
             request.status = status
@@ -446,7 +550,8 @@ class Scheduler:
         return self.requests.get(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests alive, or loads still to be reported (their blocks to be freed)."""
+        return bool(self.requests) or bool(self._free_after_load)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -457,7 +562,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.loading)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -470,7 +575,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         return SchedulerStats(
             num_running=len(self.running),
-            num_waiting=len(self.waiting),
+            num_waiting=len(self.waiting) + len(self.loading),
             kv_cache_usage=kv.get_usage(),
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
@@ -481,10 +586,17 @@ class Scheduler:
         """Raise InvariantError unless queues, requests and blocks agree (tests, debug)."""
         kv = self.kv_cache_manager
         require(
-            len(self.running) + len(self.waiting) == len(self.requests),
-            f"lost a request: {len(self.running)} running + {len(self.waiting)} waiting != "
-            f"{len(self.requests)} unfinished",
+            len(self.running) + len(self.waiting) + len(self.loading) == len(self.requests),
+            f"lost a request: {len(self.running)} running + {len(self.waiting)} waiting + "
+            f"{len(self.loading)} loading != {len(self.requests)} unfinished",
         )
+        for rid, request in self.loading.items():
+            require(
+                request.status is RequestStatus.WAITING_FOR_REMOTE_KV,
+                f"loading {rid!r} has status {request.status.name}",
+            )
+            require(self.requests.get(rid) is request, f"loading {rid!r} is not a known request")
+            require(kv.holds_blocks(rid), f"loading {rid!r} holds no blocks")
         for request in self.running:
             rid = request.request_id
             require(request.status is RequestStatus.RUNNING, f"running {rid!r} is not RUNNING")
@@ -507,4 +619,4 @@ class Scheduler:
             require(self.requests.get(rid) is request, f"waiting {rid!r} is not a known request")
             require(request.num_computed_tokens == 0, f"waiting {rid!r} has computed tokens")
             require(not kv.holds_blocks(rid), f"waiting {rid!r} holds blocks")
-        kv.check_invariants(self.requests.keys(), self.requests)
+        kv.check_invariants(self.requests.keys() | self._free_after_load, self.requests)

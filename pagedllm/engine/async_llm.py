@@ -355,6 +355,7 @@ class AsyncLLM:
         finally:
             self._fail_all(self._dead or EngineDeadError("the engine has shut down"))
             self._fail_pending_commands()
+            engine.close()
 
     def _drain_commands(self, block: bool) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []

@@ -25,6 +25,10 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.beam_search import BeamSearchDriver
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.step_stats import StepStats
+from pagedllm.kv_transfer.blocks import fingerprint
+from pagedllm.kv_transfer.connector import ThreadedConnector
+from pagedllm.kv_transfer.offload import OffloadConnector
+from pagedllm.kv_transfer.remote import KVConsumer, KVProducer
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.loader import load_model, resolve_model_path
 from pagedllm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
@@ -160,11 +164,20 @@ class LLMEngine:
         kv_caches = allocate_kv_cache(
             config, num_blocks, args.block_size, self.kv_cache_dtype, self.device
         )
+        draft_caches = (
+            allocate_kv_cache(
+                draft_model.config, num_blocks, args.block_size, self.kv_cache_dtype, self.device
+            )
+            if draft_model is not None
+            else []
+        )
+        self.kv_connector = self._kv_connector(path, windows, kv_caches + draft_caches, draft_model)
         self.scheduler = Scheduler(
             args.scheduler_config(max_model_len),
             args.cache_config(num_blocks),
             num_blocks,
             windows,
+            kv_connector=self.kv_connector,  # type: ignore[arg-type]
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB) in %s, %d layer group(s) (%s); "
@@ -199,9 +212,6 @@ class LLMEngine:
         self.proposer: Proposer | None = None
         if draft_model is not None:
             assert speculative is not None
-            draft_caches = allocate_kv_cache(
-                draft_model.config, num_blocks, args.block_size, self.kv_cache_dtype, self.device
-            )
             self.proposer = DraftModelProposer(
                 speculative, draft_model, draft_caches, args.block_size, self.device
             )
@@ -210,6 +220,44 @@ class LLMEngine:
         self.spec_stats = SpecDecodeStats()
         # PAGEDLLM_DEBUG_INVARIANTS=1: re-check the bookkeeping after every step and abort.
         self.debug_invariants = debug_invariants_enabled()
+
+    def _kv_connector(
+        self, path: str, windows: list[int | None], caches: list, draft: Any
+    ) -> ThreadedConnector | None:
+        """The host/disk tiers of --kv-offload or the producer/consumer of
+        --kv-transfer-config, when asked for."""
+        args = self.args
+        if args.kv_offload_config is None and args.kv_transfer is None:
+            return None
+        if len(windows) > 1:
+            raise ValueError(
+                "kv_offload and kv_transfer_config need a model with one KV-cache layer "
+                "group; this one has sliding-window layers beside full-attention ones"
+            )
+        identity = (
+            str(self.dtype),
+            str(self.kv_cache_dtype),
+            self.args.block_size,
+            self.args.exact_matmul,
+            None if draft is None else self.args.speculative.model,  # type: ignore[union-attr]
+        )
+        fp = fingerprint(path, caches, *identity)
+        if args.kv_offload_config is not None:
+            return OffloadConnector(args.kv_offload_config, caches, fp)
+        assert args.kv_transfer is not None
+        if args.kv_transfer.kv_role == "kv_producer":
+            return KVProducer(args.kv_transfer, caches, fp)
+        return KVConsumer(caches, fp)
+
+    def kv_transfer_params(self) -> dict[str, Any] | None:
+        """What a prefill instance's responses tell the router (its KV server's address)."""
+        connector = self.kv_connector
+        return connector.transfer_params() if isinstance(connector, KVProducer) else None
+
+    def close(self) -> None:
+        """Finish background work: pending KV loads, disk writes, the KV server."""
+        if self.kv_connector is not None:
+            self.kv_connector.close()
 
     # ------------------------------------------------------------------ intake
 
@@ -389,6 +437,9 @@ class LLMEngine:
         start = time.perf_counter()
         scheduler = self.scheduler
         sched = scheduler.schedule()
+        connector = self.kv_connector
+        if connector is not None:
+            connector.start(sched.kv_saves, sched.kv_loads)
         if sched.is_empty and self.beams.unstick():
             return []  # beams waiting for their siblings gave up their blocks
         self.step_stats.observe_schedule(scheduler)
@@ -414,6 +465,9 @@ class LLMEngine:
         finished = scheduler.update_from_output(
             sched, {rid: row.token_ids for rid, row in sampled.items()} | beam_tokens
         )
+        if connector is not None:  # the step's new blocks are saved now, not next step
+            connector.start(scheduler.take_kv_saves(), [])
+            scheduler.finish_kv_loads(connector.poll(wait_for_one=sched.is_empty))
         beam_outputs = self.beams.apply()
         for rid, request in verified.items():
             # a stop (or max_tokens) inside the accepted drafts ends the output there
@@ -533,6 +587,7 @@ class LLMEngine:
             "spec_decode_num_drafts": self.spec_stats.num_drafts,
             "spec_decode_num_draft_tokens": self.spec_stats.num_draft_tokens,
             "spec_decode_num_accepted_tokens": self.spec_stats.num_accepted_tokens,
+            **(self.kv_connector.metrics() if self.kv_connector is not None else {}),
             **{
                 f"{ACCEPTED_PER_POSITION}{i}": count
                 for i, count in enumerate(self.spec_stats.accepted_per_position)

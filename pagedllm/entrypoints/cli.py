@@ -11,7 +11,7 @@ if __name__ == "__main__":  # `python -m`: choose the allocator before torch is 
     reexec_with_mimalloc()
 
 from pagedllm.benchmarks import cli as bench_cli
-from pagedllm.entrypoints import chat, generate
+from pagedllm.entrypoints import chat, generate, router
 from pagedllm.entrypoints.cli_args import HelpFormatter, add_model_arg
 from pagedllm.entrypoints.serve import add_serve_parser
 from pagedllm.model.loader import ModelLoadError
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.register(sub)
     chat.register(sub)
     bench_cli.register(sub)
+    router.register(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from pagedllm.config import DTYPES, ENGINE_ARG_HELP, KV_CACHE_DTYPES, POOLING_CHOICES, EngineArgs
 from pagedllm.sampling_params import SamplingParams
 
+_JSON_FLAGS = ("speculative_config", "kv_offload", "kv_transfer_config")  # JSON text
 _CHOICES = {
     "dtype": DTYPES,
     "kv_cache_dtype": KV_CACHE_DTYPES,
@@ -50,7 +51,7 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
             continue
         flag = "--" + field.name.replace("_", "-")
         help_text = ENGINE_ARG_HELP[field.name]
-        tp = str if field.name == "speculative_config" else _scalar(hints[field.name])
+        tp = str if field.name in _JSON_FLAGS else _scalar(hints[field.name])
         if tp is bool:
             group.add_argument(
                 flag,

@@ -10,15 +10,45 @@ prefix hit, a missed copy-on-write or a reused live block all show up here.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from pagedllm.core.kv_cache_manager import hash_request_tokens, request_extra_keys
 from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.core.scheduler import Scheduler
 
 
+class FakeConnector:
+    """A KV tier holding blocks' slot contents by hash; `broken` hashes fail to load.
+    It saves blocks as they leave the pool, and as they are computed if `on_compute`."""
+
+    def __init__(self, on_compute: bool = False) -> None:
+        self.on_compute = on_compute
+        self.store: dict[bytes, list[int | None]] = {}
+        self.broken: set[bytes] = set()
+        self.num_saved = self.num_loaded = 0
+
+    def num_loadable_blocks(self, block_hashes: Sequence[bytes], transfer_params: object) -> int:
+        return next(
+            (i for i, h in enumerate(block_hashes) if h not in self.store), len(block_hashes)
+        )
+
+    def wants_block(self, block_hash: bytes, evicted: bool) -> bool:
+        return (evicted or self.on_compute) and block_hash not in self.store
+
+
 class FakeWorker:
-    def __init__(self, scheduler: Scheduler, vocab_size: int = 50, seed: int = 0) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        vocab_size: int = 50,
+        seed: int = 0,
+        connector: FakeConnector | None = None,
+    ) -> None:
+        """With `connector`, saves and loads blocks through it; a load is reported one
+        step after it starts (as an asynchronous transfer would be)."""
         self.scheduler = scheduler
+        self.connector = connector
+        self.loads_in_flight: dict[str, int] = {}
         kv = scheduler.kv_cache_manager
         self.block_size = kv.block_size
         self.slots: list[list[int | None]] = [[None] * kv.block_size for _ in range(kv.num_blocks)]
@@ -32,6 +62,8 @@ class FakeWorker:
         kv = self.scheduler.kv_cache_manager
         blocks = kv.block_pool.blocks
         size = self.block_size
+        if self.connector is not None:
+            self._transfer(output)
         # Copies first, as one gather then scatter.
         gathered = [list(self.slots[src]) for src, _ in output.block_copies]
         for (_, dst), data in zip(output.block_copies, gathered, strict=True):
@@ -78,6 +110,34 @@ class FakeWorker:
                 sampled[sched.request_id] = [*accepted, token]
         return sampled
 
+    def _transfer(self, output: SchedulerOutput) -> None:
+        """Save evicted blocks (their content must be the hash's), then run the loads."""
+        connector = self.connector
+        assert connector is not None
+        blocks = self.scheduler.kv_cache_manager.block_pool.blocks
+        self.save(output.kv_saves)
+        for load in output.kv_loads:
+            assert load.request_id not in self.loads_in_flight
+            num = 0
+            for block_hash, block_id in zip(load.block_hashes, load.block_ids, strict=True):
+                block = blocks[block_id]
+                assert block.ref_cnt == 1 and block.block_hash is None, f"load into {block}"
+                if block_hash in connector.broken or block_hash not in connector.store:
+                    break
+                self.slots[block_id] = list(connector.store[block_hash])
+                num += 1
+            connector.num_loaded += num
+            self.loads_in_flight[load.request_id] = num
+
+    def save(self, saves: list[tuple[bytes, int, bool]]) -> None:
+        """Keep each block's content, which must be what its hash names."""
+        assert self.connector is not None
+        self.record_chains()
+        for block_hash, block_id, _ in saves:
+            assert self.slots[block_id] == self.chains[block_hash], "saved a block's stale KV"
+            self.connector.store[block_hash] = list(self.slots[block_id])
+            self.connector.num_saved += 1
+
     @staticmethod
     def _tables(output: SchedulerOutput, request_id: str) -> list[list[int]]:
         """The request's block table in every layer group, group 0 first."""
@@ -106,8 +166,12 @@ class FakeWorker:
         self.record_chains()
         output = self.scheduler.schedule()
         self.scheduler.check_invariants()
+        reported, self.loads_in_flight = self.loads_in_flight, {}
         sampled = self.execute(output)
         finished = self.scheduler.update_from_output(output, sampled)
+        if self.connector is not None:
+            self.save(self.scheduler.take_kv_saves())
+        self.scheduler.finish_kv_loads(reported)
         self.scheduler.check_invariants()
         self.record_chains(finished)
         self.check_cached_blocks()

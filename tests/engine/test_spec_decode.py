@@ -104,9 +104,9 @@ PATTERN = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"
 SAMPLES = 2000
 
 
-def first_tokens(llm: LLM) -> Counter:
+def first_tokens(llm: LLM, num: int = SAMPLES) -> Counter:
     params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
-    outs = llm.generate([PATTERN] * SAMPLES, params, use_tqdm=False)
+    outs = llm.generate([PATTERN] * num, params, use_tqdm=False)
     return Counter(tuple(o.outputs[0].token_ids) for o in outs)
 
 
@@ -143,10 +143,12 @@ def test_speculation_keeps_the_sampling_distribution(spec, plain_sample):
 
 
 def test_a_draft_model_keeps_the_sampling_distribution(plain_sample):
-    """The draft's greedy token is one token with certainty: the target's draw decides."""
+    """The draft's greedy token is one token with certainty: the target's draw decides.
+    (Half the n-gram test's draws: the draft model doubles each step's cost, and the
+    verifier is the same code, whose power the test below shows on the full sample.)"""
     spec = LLM(seed=1, speculative_config={"method": "draft_model", "model": DEFAULT_MODEL})
-    sample = first_tokens(spec)
-    assert spec.get_metrics()["spec_decode_num_accepted_tokens"] > SAMPLES // 4
+    sample = first_tokens(spec, SAMPLES // 2)
+    assert spec.get_metrics()["spec_decode_num_accepted_tokens"] > SAMPLES // 8
     assert homogeneity_p_value(plain_sample, sample) > 0.01
 
 

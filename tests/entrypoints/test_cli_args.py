@@ -78,3 +78,12 @@ def test_help_shows_defaults_once() -> None:
     text = " ".join(_parser().format_help().split())
     assert "(default: 16)" in text  # block size
     assert "(default: None)" not in text
+
+
+def test_kv_offload_flag_takes_json() -> None:
+    ns = _parser().parse_args(["--kv-offload", '{"host_gib": 2, "disk_path": "/tmp/kv"}'])
+    args = engine_args_from(ns)
+    config = args.kv_offload_config
+    assert config is not None and (config.host_gib, config.disk_path) == (2, "/tmp/kv")
+    with pytest.raises(ValueError, match="kv_offload is not JSON"):
+        engine_args_from(_parser().parse_args(["--kv-offload", "{host_gib: 2}"]))

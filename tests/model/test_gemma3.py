@@ -180,7 +180,8 @@ def test_chat_template_and_end_of_turn(gemma):
 
 
 def test_the_command_line_runs_the_gemma_file(gemma_path):
-    """`inspect` describes the layer layout; `generate` and `bench latency` run it."""
+    """`inspect` describes the layer layout; `generate` runs it (`bench latency` runs
+    the same engine, tested on the default model)."""
     from tests.entrypoints.terminal import pagedllm_argv
     from tests.entrypoints.test_chat_generate import _env
 
@@ -197,8 +198,3 @@ def test_the_command_line_runs_the_gemma_file(gemma_path):
     )
     text = run("generate", gemma_path, "-p", "The capital of France is", "-n", "8", "--temp", "0")
     assert "the capital of the country of France" in text
-    report = run(
-        "bench", "latency", gemma_path, "--batch-size", "1", "--input-len", "16",
-        "--output-len", "4", "--num-iters", "1", "--num-iters-warmup", "0",
-    )  # fmt: skip
-    assert "TPOT" in report

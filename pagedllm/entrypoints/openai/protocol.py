@@ -161,6 +161,9 @@ class _SamplingFields(_Body):
     logprobs, structured outputs) are refused with it."""
     length_penalty: float | None = None
     """vLLM (beam search only): finished beams rank by cum_logprob / length ** length_penalty."""
+    kv_transfer_params: dict[str, Any] | None = None
+    """vLLM (disaggregated serving): where a decode instance pulls the prompt's KV from, as
+    the prefill instance's response gave it (`pagedllm router` passes it on)."""
 
     @property
     def include_usage(self) -> bool:
@@ -224,6 +227,7 @@ class _SamplingFields(_Body):
             "include_stop_str_in_output",
             "skip_special_tokens",
             "logit_bias",
+            "kv_transfer_params",
         ):
             value = getattr(self, name)
             if value is not None:

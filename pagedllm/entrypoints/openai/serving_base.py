@@ -48,6 +48,21 @@ class OpenAIServing:
         self.max_model_len = llm.max_model_len
         # stable for one build of one model, as vLLM's: the version and the model's file
         self.system_fingerprint = f"pagedllm-{pagedllm.__version__}-{llm.engine.model_path.stem}"
+        # a prefill instance (kv_producer) names its KV server in every response, for the
+        # router to pass to a decode instance as that request's kv_transfer_params
+        self.kv_transfer_params = llm.engine.kv_transfer_params()
+
+    def response_header(self, request_id: str, model: str) -> dict[str, Any]:
+        """The fields every completion response and chunk starts with."""
+        header = {
+            "id": request_id,
+            "created": now_s(),
+            "model": model,
+            "system_fingerprint": self.system_fingerprint,
+        }
+        if self.kv_transfer_params is not None:
+            header["kv_transfer_params"] = self.kv_transfer_params
+        return header
 
     def check_model(self, name: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""

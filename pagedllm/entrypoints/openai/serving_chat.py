@@ -24,7 +24,6 @@ from pagedllm.entrypoints.openai.serving_base import (
     OpenAIServing,
     finite,
     new_id,
-    now_s,
     prompt_logprobs_json,
     split_endings,
     sse,
@@ -127,12 +126,7 @@ class ChatServing(OpenAIServing):
         params, prompt_ids = await self.engine_input(body)
         request_id = new_id("chatcmpl")
         (stream,) = await self.start(request_id, [prompt_ids], params)
-        header = {
-            "id": request_id,
-            "created": now_s(),
-            "model": model,
-            "system_fingerprint": self.system_fingerprint,
-        }
+        header = self.response_header(request_id, model)
         num = params.logprobs if isinstance(params, SamplingParams) else None
         if body.stream:
             return self.sse(self._stream(body, header, len(prompt_ids), stream, num), [stream])

@@ -20,7 +20,6 @@ from pagedllm.entrypoints.openai.serving_base import (
     OpenAIServing,
     finite,
     new_id,
-    now_s,
     prompt_logprobs_json,
     split_endings,
     sse,
@@ -62,12 +61,7 @@ class CompletionServing(OpenAIServing):
             self.check_length(len(p.token_ids), params, "prompt")
         request_id = new_id("cmpl")
         streams = await self.start(request_id, [p.token_ids for p in prompts], params)
-        header = {
-            "id": request_id,
-            "created": now_s(),
-            "model": model,
-            "system_fingerprint": self.system_fingerprint,
-        }
+        header = self.response_header(request_id, model)
         num = body.logprobs
         if body.stream:
             return self.sse(self._stream(body, header, prompts, streams, num), streams)

@@ -1,0 +1,1 @@
+"""Moving KV blocks beyond the device pool: the offload tiers (host memory, disk)."""

@@ -1,0 +1,120 @@
+"""What every connector's worker side shares: saves copied out of the pool at once,
+loads run on a loader thread and reported by ``poll``, and the counters."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm.attention.kv_cache import KVCache
+from pagedllm.core.kv_connector import KVLoad
+from pagedllm.kv_transfer.blocks import KVBlocks
+
+
+@dataclass
+class TransferStats:
+    """Counters since start, exported as `pagedllm:<prefix>_*` (tiers: host, disk, remote)."""
+
+    blocks_saved: int = 0
+    bytes_saved: int = 0
+    blocks_looked_up: int = 0  # blocks past a local prefix hit asked for
+    hits: Counter[str] = field(default_factory=Counter)  # of those, found, per tier
+    blocks_loaded: Counter[str] = field(default_factory=Counter)  # per tier
+    bytes_loaded: int = 0
+    load_failures: int = 0  # loads that stopped short (block gone, corrupt, unreachable)
+    loads: int = 0
+    load_seconds: float = 0.0
+
+    def as_metrics(self, prefix: str, tiers: Sequence[str]) -> dict[str, float]:
+        metrics = {
+            f"{prefix}_{name}": float(getattr(self, name))
+            for name in (
+                "blocks_saved",
+                "bytes_saved",
+                "blocks_looked_up",
+                "bytes_loaded",
+                "load_failures",
+                "loads",
+                "load_seconds",
+            )
+        }
+        for tier in tiers:
+            metrics[f"{prefix}_{tier}_hits"] = float(self.hits[tier])
+            metrics[f"{prefix}_blocks_loaded_{tier}"] = float(self.blocks_loaded[tier])
+        return metrics
+
+
+class ThreadedConnector:
+    """The engine calls ``start`` with each step's saves and loads before the step runs
+    and ``poll`` after it; subclasses say what to save (``save``) and where blocks come
+    from (``read``)."""
+
+    def __init__(self, caches: Sequence[KVCache], fingerprint: bytes) -> None:
+        """`fingerprint`: what a block from elsewhere must match (blocks.fingerprint)."""
+        self.fingerprint = fingerprint
+        self.blocks = KVBlocks(caches)
+        self.block_bytes = self.blocks.block_bytes
+        self.stats = TransferStats()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="pagedllm-kv-load")
+        self._loads: dict[str, Future[int]] = {}
+
+    def start(self, saves: list[tuple[bytes, int, bool]], loads: list[KVLoad]) -> None:
+        """Copy out the blocks to save, then begin this step's loads (in that order: a
+        load may fill a block whose old content is being saved)."""
+        if saves:
+            self.save(saves)
+        for load in loads:
+            self._loads[load.request_id] = self._loader.submit(self._load, load)
+
+    def poll(self, wait_for_one: bool = False) -> dict[str, int]:
+        """Loads that ended since the last call: request id -> leading blocks loaded.
+        `wait_for_one`: block until one ends (the engine has nothing else to run)."""
+        if not self._loads:
+            return {}
+        if wait_for_one and not any(f.done() for f in self._loads.values()):
+            wait(self._loads.values(), return_when=FIRST_COMPLETED)
+        done = {rid: f for rid, f in self._loads.items() if f.done()}
+        for rid in done:
+            del self._loads[rid]
+        return {rid: self._result(f) for rid, f in done.items()}
+
+    def _result(self, future: Future[int]) -> int:
+        try:
+            return future.result()
+        except Exception:  # a failed transfer is a miss: the tokens are recomputed
+            self.stats.load_failures += 1
+            return 0
+
+    def save(self, saves: list[tuple[bytes, int, bool]]) -> None:
+        """Keep what the connector wanted of (hash, block id, evicted); default: nothing."""
+
+    def read(self, load: KVLoad) -> list[torch.Tensor]:
+        """The load's leading blocks that can be had, as [block_bytes] uint8 rows."""
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """The counters under their exported names."""
+        raise NotImplementedError
+
+    def _load(self, load: KVLoad) -> int:
+        """Read the load's blocks, write those found into the pool; how many it wrote."""
+        start = time.perf_counter()
+        rows = self.read(load)
+        stats = self.stats
+        if len(rows) < len(load.block_hashes):
+            stats.load_failures += 1
+        if rows:
+            self.blocks.scatter(load.block_ids[: len(rows)], torch.stack(rows))
+            stats.bytes_loaded += len(rows) * self.block_bytes
+        stats.loads += 1
+        stats.load_seconds += time.perf_counter() - start
+        return len(rows)
+
+    def close(self) -> None:
+        """Finish pending loads (subclasses: and writes)."""
+        self._loader.shutdown(wait=True)

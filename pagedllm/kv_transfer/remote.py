@@ -1,0 +1,200 @@
+"""Prefill/decode disaggregation: a producer engine serves the KV blocks it computed, a
+consumer engine pulls a request's prompt blocks from it over TCP.
+
+The producer (``--kv-transfer-config '{"kv_role": "kv_producer", ...}'``) copies every
+block it computes into a host buffer (an LRU of ``kv_buffer_gib``) and answers, on
+``kv_ip:kv_port``, requests for blocks by their prefix-cache hash: hashes are SHA-256
+chains of token ids, equal in every engine that tokenizes the prompt the same way. Its
+HTTP responses carry ``kv_transfer_params`` (its address) for the router to pass on.
+The consumer (``kv_consumer``) admits a request whose ``kv_transfer_params`` name a
+producer as if those blocks were there, and fetches them on its loader thread; whatever
+does not arrive (the producer evicted it, died, or runs another model) is recomputed.
+
+Wire format, little-endian. Request: ``MAGIC, fingerprint[32], n: u32, n hashes[32]``.
+Reply: ``MAGIC, status: u8 (0 ok, 1 another model), count: u32, block_bytes: u64`` and
+``count`` payloads of ``block_bytes`` (the leading blocks it holds, in order).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from pagedllm.attention.kv_cache import KVCache
+from pagedllm.config import KVTransferConfig
+from pagedllm.core.kv_connector import KVLoad
+from pagedllm.kv_transfer.connector import ThreadedConnector
+from pagedllm.kv_transfer.tiers import HostTier
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"PGLLMKVT"
+HASH_BYTES = 32
+MAX_BLOCKS_PER_REQUEST = 1 << 16
+_REQUEST = struct.Struct("<8s32sI")
+_REPLY = struct.Struct("<8sBIQ")
+OK, WRONG_MODEL = 0, 1
+GIB = 1 << 30
+TIMEOUT_S = 30.0
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+class KVProducer(ThreadedConnector):
+    """Keeps each computed block in a host buffer and serves it to consumers."""
+
+    metrics_prefix = "kv_transfer"
+
+    def __init__(
+        self, config: KVTransferConfig, caches: Sequence[KVCache], fingerprint: bytes
+    ) -> None:
+        super().__init__(caches, fingerprint)
+        self.buffer = HostTier(int(config.kv_buffer_gib * GIB))
+        producer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                producer._serve(self.request)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        try:
+            self.server = socketserver.ThreadingTCPServer((config.kv_ip, config.kv_port), Handler)
+        except OSError as e:
+            raise ValueError(
+                f"kv_transfer_config: cannot listen on {config.kv_ip}:{config.kv_port}: {e}"
+            ) from e
+        self.server.daemon_threads = True
+        self.host, self.port = self.server.server_address[:2]
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="pagedllm-kv-server", daemon=True
+        )
+        self._thread.start()
+        logger.info("KV producer: serving computed blocks on %s:%d", self.host, self.port)
+
+    def transfer_params(self) -> dict[str, Any]:
+        """What a consumer needs to pull this engine's blocks (sent with each response)."""
+        return {"remote_host": self.host, "remote_port": self.port}
+
+    def num_loadable_blocks(self, block_hashes: Sequence[bytes], transfer_params: object) -> int:
+        return 0
+
+    def wants_block(self, block_hash: bytes, evicted: bool) -> bool:
+        return not evicted and block_hash not in self.buffer
+
+    def save(self, saves: list[tuple[bytes, int, bool]]) -> None:
+        rows = self.blocks.gather([block_id for _, block_id, _ in saves])
+        for (key, _, _), row in zip(saves, rows, strict=True):
+            self.buffer.put(key, row)
+        self.stats.blocks_saved += len(saves)
+        self.stats.bytes_saved += len(saves) * self.block_bytes
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Answer one consumer's request (on a server thread)."""
+        sock.settimeout(TIMEOUT_S)
+        try:
+            magic, fingerprint, n = _REQUEST.unpack(_read_exactly(sock, _REQUEST.size))
+            if magic != MAGIC or n > MAX_BLOCKS_PER_REQUEST:
+                return
+            data = _read_exactly(sock, n * HASH_BYTES)
+            if fingerprint != self.fingerprint:
+                sock.sendall(_REPLY.pack(MAGIC, WRONG_MODEL, 0, self.block_bytes))
+                return
+            rows = []
+            for i in range(n):
+                row = self.buffer.get(data[i * HASH_BYTES : (i + 1) * HASH_BYTES])
+                if row is None:
+                    break
+                rows.append(row)
+            sock.sendall(_REPLY.pack(MAGIC, OK, len(rows), self.block_bytes))
+            for row in rows:
+                sock.sendall(row.numpy().tobytes())
+        except (OSError, ConnectionError, struct.error) as e:
+            logger.warning("KV producer: a transfer failed: %s", e)
+
+    def read(self, load: KVLoad) -> list[torch.Tensor]:
+        return []
+
+    def metrics(self) -> dict[str, float]:
+        return self.stats.as_metrics(self.metrics_prefix, ())
+
+    def close(self) -> None:
+        super().close()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class KVConsumer(ThreadedConnector):
+    """Pulls a request's prompt blocks from the producer its kv_transfer_params name."""
+
+    metrics_prefix = "kv_transfer"
+
+    @staticmethod
+    def _address(params: Mapping[str, Any] | None) -> tuple[str, int] | None:
+        if not params:
+            return None
+        host, port = params.get("remote_host"), params.get("remote_port")
+        if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+            return None
+        return host, port
+
+    def num_loadable_blocks(
+        self, block_hashes: Sequence[bytes], transfer_params: Mapping[str, Any] | None
+    ) -> int:
+        """Every block, when the request names a producer: it computed the prompt just
+        before (what it no longer holds is recomputed)."""
+        if self._address(transfer_params) is None:
+            return 0
+        self.stats.blocks_looked_up += len(block_hashes)
+        self.stats.hits["remote"] += len(block_hashes)
+        return len(block_hashes)
+
+    def wants_block(self, block_hash: bytes, evicted: bool) -> bool:
+        return False
+
+    def read(self, load: KVLoad) -> list[torch.Tensor]:
+        address = self._address(load.transfer_params)
+        assert address is not None
+        hashes = load.block_hashes
+        if any(len(h) != HASH_BYTES for h in hashes):
+            return []
+        try:
+            with socket.create_connection(address, timeout=TIMEOUT_S) as sock:
+                request = _REQUEST.pack(MAGIC, self.fingerprint, len(hashes))
+                sock.sendall(request + b"".join(hashes))
+                magic, status, count, block_bytes = _REPLY.unpack(_read_exactly(sock, _REPLY.size))
+                if magic != MAGIC or status != OK or block_bytes != self.block_bytes:
+                    problem = (
+                        "runs another model or KV format"
+                        if status == WRONG_MODEL
+                        else ("answered something else")
+                    )
+                    logger.warning("KV consumer: the producer at %s:%d %s", *address, problem)
+                    return []
+                count = min(count, len(hashes))
+                if count == 0:
+                    return []
+                payload = _read_exactly(sock, count * block_bytes)
+        except (OSError, ConnectionError, struct.error) as e:
+            logger.warning("KV consumer: no blocks from %s:%d: %s", *address, e)
+            return []
+        rows = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(count, block_bytes)
+        self.stats.blocks_loaded["remote"] += count
+        return list(rows)
+
+    def metrics(self) -> dict[str, float]:
+        return self.stats.as_metrics(self.metrics_prefix, ("remote",))
