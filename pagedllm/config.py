@@ -180,14 +180,17 @@ class KVTransferConfig:
     """Prefill/decode disaggregation, in vLLM's shape: `{"kv_role": "kv_producer",
     "kv_ip": "127.0.0.1", "kv_port": 14579, "kv_buffer_gib": 2}`. A producer (prefill
     instance) keeps the KV blocks it computes in a host buffer of `kv_buffer_gib` and
-    serves them on kv_ip:kv_port; a consumer (decode instance) pulls a request's prompt
-    blocks from the producer its `kv_transfer_params` name. (`kv_connector` is accepted
-    and ignored: there is one.)"""
+    serves them on kv_ip:kv_port (the address it tells consumers: not 0.0.0.0); a
+    consumer (decode instance) pulls a request's prompt blocks from the producer its
+    `kv_transfer_params` name, if that producer is one of `kv_producers` ("host:port";
+    default: the default producer address), never from an address a client made up.
+    (`kv_connector` is accepted and ignored: there is one.)"""
 
     kv_role: str
     kv_ip: str = "127.0.0.1"
     kv_port: int = 14579
     kv_buffer_gib: float = 2.0
+    kv_producers: tuple[str, ...] = ("127.0.0.1:14579",)
     kv_connector: str | None = None
 
     def __post_init__(self) -> None:
@@ -195,8 +198,20 @@ class KVTransferConfig:
             raise ValueError(
                 f"kv_transfer_config kv_role must be one of {KV_ROLES}, got {self.kv_role!r}"
             )
-        if not isinstance(self.kv_ip, str) or not self.kv_ip:
-            raise ValueError(f"kv_transfer_config kv_ip must be an address, got {self.kv_ip!r}")
+        if not isinstance(self.kv_ip, str) or self.kv_ip in ("", "0.0.0.0", "::"):
+            raise ValueError(
+                "kv_transfer_config kv_ip must be the address consumers reach the producer "
+                f"at (not a wildcard), got {self.kv_ip!r}"
+            )
+        producers = self.kv_producers
+        if isinstance(producers, list):
+            object.__setattr__(self, "kv_producers", producers := tuple(producers))
+        if not isinstance(producers, tuple) or not all(
+            isinstance(p, str) and p.rpartition(":")[2].isdigit() for p in producers
+        ):
+            raise ValueError(
+                f'kv_transfer_config kv_producers must be a list of "host:port", got {producers!r}'
+            )
         _check_int("kv_transfer_config kv_port", self.kv_port, minimum=0, maximum=65535)
         value = self.kv_buffer_gib
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:

@@ -93,7 +93,7 @@ class Scheduler:
         continues one already admitted (a beam search's re-queued beam), which a full
         queue must not fail midway.
         """
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or request.request_id in self._free_after_load:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
             raise ValueError(
@@ -516,7 +516,7 @@ class Scheduler:
         seen: set[str] = set()
         for child in children:
             cid = child.request_id
-            if cid in self.requests or cid in seen:
+            if cid in self.requests or cid in seen or cid in self._free_after_load:
                 raise ValueError(f"cannot fork into {cid!r}: request_id already in use")
             seen.add(cid)
             if child.prompt_token_ids != parent.prompt_token_ids:

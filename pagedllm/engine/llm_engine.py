@@ -247,7 +247,7 @@ class LLMEngine:
         assert args.kv_transfer is not None
         if args.kv_transfer.kv_role == "kv_producer":
             return KVProducer(args.kv_transfer, caches, fp)
-        return KVConsumer(caches, fp)
+        return KVConsumer(args.kv_transfer, caches, fp)
 
     def kv_transfer_params(self) -> dict[str, Any] | None:
         """What a prefill instance's responses tell the router (its KV server's address)."""

@@ -71,7 +71,12 @@ def build_router_app(prefill_urls: Sequence[str], decode_urls: Sequence[str]) ->
         if answer.status_code != 200:
             logger.warning("prefill instance %s answered %d", url, answer.status_code)
             return None
-        return answer.json().get("kv_transfer_params")
+        try:
+            params = answer.json().get("kv_transfer_params")
+        except (ValueError, AttributeError):
+            logger.warning("prefill instance %s answered something other than JSON", url)
+            return None
+        return params if isinstance(params, dict) else None
 
     async def route(request: Request, path: str) -> Response:
         try:
@@ -80,6 +85,8 @@ def build_router_app(prefill_urls: Sequence[str], decode_urls: Sequence[str]) ->
             return APIError(400, f"the body is not valid JSON: {e}").response()
         if not isinstance(body, dict):
             return APIError(400, "the body must be a JSON object").response()
+        # where the KV comes from is the router's to say, never the client's
+        body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
         params = await prefill(path, body, headers)
         if params is not None:
@@ -116,7 +123,11 @@ def build_router_app(prefill_urls: Sequence[str], decode_urls: Sequence[str]) ->
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
-        answer = await client.get(next(decodes) + "/v1/models", headers=headers)
+        url = next(decodes) + "/v1/models"
+        try:
+            answer = await client.get(url, headers=headers)
+        except httpx.HTTPError as e:
+            return APIError(502, f"decode instance {url} unreachable: {e}").response()
         return Response(answer.content, answer.status_code, media_type="application/json")
 
     @app.get("/health")

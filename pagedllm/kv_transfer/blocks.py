@@ -60,12 +60,25 @@ class KVBlocks:
             offset += size
 
 
+def _sample_digest(path: Path, num_samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """A digest of a file's size and of evenly spaced samples of its bytes (a few MB read
+    of a multi-GB file): weights changed in place, same size and name, still differ."""
+    size = path.stat().st_size
+    h = hashlib.sha256(size.to_bytes(8, "little"))
+    with open(path, "rb") as f:
+        for i in range(num_samples):
+            f.seek(max(0, size - sample_bytes) * i // max(1, num_samples - 1))
+            h.update(f.read(sample_bytes))
+    return h.hexdigest()
+
+
 def fingerprint(model_path: str | Path, caches: Sequence[KVCache], *identity: object) -> bytes:
-    """What makes two blocks with the same hash interchangeable: the model's files (name
-    and size), the cache's layout and dtype, and `identity` (dtypes, kernels)."""
+    """What makes two blocks with the same hash interchangeable: the model's files (names
+    and sampled contents), the cache's per-block layout and dtype (not the pool's size,
+    which differs between machines), and `identity` (dtypes, kernels)."""
     path = Path(model_path)
     files = sorted(path.iterdir()) if path.is_dir() else [path]
-    model = [(f.name, f.stat().st_size) for f in files if f.is_file()]
-    layout = [(str(p.dtype), tuple(p.shape[2:]), p.shape[1]) for p in _block_parts(caches)]
+    model = [(f.name, _sample_digest(f)) for f in files if f.is_file()]
+    layout = [(str(p.dtype), p.shape[0], tuple(p.shape[2:])) for p in _block_parts(caches)]
     text = repr((FORMAT_VERSION, model, layout, identity))
     return hashlib.sha256(text.encode()).digest()

@@ -3,6 +3,7 @@ loads run on a loader thread and reported by ``poll``, and the counters."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -14,6 +15,11 @@ import torch
 from pagedllm.attention.kv_cache import KVCache
 from pagedllm.core.kv_connector import KVLoad
 from pagedllm.kv_transfer.blocks import KVBlocks
+
+logger = logging.getLogger(__name__)
+
+LOADER_THREADS = 4  # transfers at once: one slow peer must not hold up the others
+IDLE_WAIT_S = 0.05  # how long an idle engine waits for a load before it looks for work
 
 
 @dataclass
@@ -60,24 +66,29 @@ class ThreadedConnector:
         self.blocks = KVBlocks(caches)
         self.block_bytes = self.blocks.block_bytes
         self.stats = TransferStats()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="pagedllm-kv-load")
+        self._loader = ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="pagedllm-kv-load")
         self._loads: dict[str, Future[int]] = {}
 
     def start(self, saves: list[tuple[bytes, int, bool]], loads: list[KVLoad]) -> None:
         """Copy out the blocks to save, then begin this step's loads (in that order: a
-        load may fill a block whose old content is being saved)."""
-        if saves:
-            self.save(saves)
+        load may fill a block whose old content is being saved). A save that fails only
+        loses its copies; the loads start whatever happens."""
+        try:
+            if saves:
+                self.save(saves)
+        except Exception:
+            logger.exception("KV connector: saving %d blocks failed", len(saves))
         for load in loads:
             self._loads[load.request_id] = self._loader.submit(self._load, load)
 
     def poll(self, wait_for_one: bool = False) -> dict[str, int]:
         """Loads that ended since the last call: request id -> leading blocks loaded.
-        `wait_for_one`: block until one ends (the engine has nothing else to run)."""
+        `wait_for_one`: wait a moment for one to end (the engine has nothing else to run;
+        it comes back to take new requests and aborts)."""
         if not self._loads:
             return {}
         if wait_for_one and not any(f.done() for f in self._loads.values()):
-            wait(self._loads.values(), return_when=FIRST_COMPLETED)
+            wait(self._loads.values(), timeout=IDLE_WAIT_S, return_when=FIRST_COMPLETED)
         done = {rid: f for rid, f in self._loads.items() if f.done()}
         for rid in done:
             del self._loads[rid]

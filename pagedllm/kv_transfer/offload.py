@@ -68,7 +68,7 @@ class OffloadConnector(ThreadedConnector):
         rows = self.blocks.gather([block_id for _, block_id, _ in saves])
         for (key, _, evicted), row in zip(saves, rows, strict=True):
             if evicted and self.host is not None:
-                self.host.put(key, row)
+                self.host.put(key, row.clone())  # alone: a view would keep the whole batch
             if self.disk is not None and key not in self.disk:
                 self._writer.submit(self.disk.put, key, row.numpy().tobytes())
         self.stats.blocks_saved += len(saves)
@@ -85,7 +85,7 @@ class OffloadConnector(ThreadedConnector):
             elif self.disk is not None and (payload := self.disk.get(key)) is not None:
                 if len(payload) != self.block_bytes:
                     break
-                row = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                row = torch.frombuffer(payload, dtype=torch.uint8)
                 if self.host is not None:
                     self.host.put(key, row)
                 self.stats.blocks_loaded["disk"] += 1

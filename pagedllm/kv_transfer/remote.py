@@ -10,18 +10,27 @@ The consumer (``kv_consumer``) admits a request whose ``kv_transfer_params`` nam
 producer as if those blocks were there, and fetches them on its loader thread; whatever
 does not arrive (the producer evicted it, died, or runs another model) is recomputed.
 
+A consumer connects only to the producers its own config lists (``kv_producers``),
+whatever a request's params say, and only takes blocks from one that answers with its
+own fingerprint: a client cannot point it at a server that would fill its prefix cache
+with made-up KV. Every transfer has an overall deadline, so a slow or hung peer costs a
+recomputation, never a stuck engine.
+
 Wire format, little-endian. Request: ``MAGIC, fingerprint[32], n: u32, n hashes[32]``.
-Reply: ``MAGIC, status: u8 (0 ok, 1 another model), count: u32, block_bytes: u64`` and
-``count`` payloads of ``block_bytes`` (the leading blocks it holds, in order).
+Reply: ``MAGIC, fingerprint[32], status: u8 (0 ok, 1 another model), count: u32,
+block_bytes: u64`` and ``count`` payloads of ``block_bytes`` (the leading blocks it
+holds, in order).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,20 +48,35 @@ MAGIC = b"PGLLMKVT"
 HASH_BYTES = 32
 MAX_BLOCKS_PER_REQUEST = 1 << 16
 _REQUEST = struct.Struct("<8s32sI")
-_REPLY = struct.Struct("<8sBIQ")
+_REPLY = struct.Struct("<8s32sBIQ")
 OK, WRONG_MODEL = 0, 1
 GIB = 1 << 30
-TIMEOUT_S = 30.0
+TRANSFER_DEADLINE_S = 30.0  # a whole transfer, from connecting to the last byte
+CONNECT_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 16  # served at once by a producer; more are turned away
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
+def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """`size` bytes, or TimeoutError once `deadline` (time.monotonic) passes."""
     data = bytearray()
     while len(data) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"transfer deadline passed after {len(data)} of {size} bytes")
+        sock.settimeout(remaining)
         chunk = sock.recv(min(size - len(data), 1 << 20))
         if not chunk:
             raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
         data += chunk
     return bytes(data)
+
+
+def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("transfer deadline passed")
+    sock.settimeout(remaining)
+    sock.sendall(data)
 
 
 class KVProducer(ThreadedConnector):
@@ -65,6 +89,7 @@ class KVProducer(ThreadedConnector):
     ) -> None:
         super().__init__(caches, fingerprint)
         self.buffer = HostTier(int(config.kv_buffer_gib * GIB))
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         producer = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -85,6 +110,16 @@ class KVProducer(ThreadedConnector):
         )
         self._thread.start()
         logger.info("KV producer: serving computed blocks on %s:%d", self.host, self.port)
+        try:
+            local = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            local = self.host == "localhost"
+        if not local:
+            logger.warning(
+                "KV producer: %s is reachable from other machines; whoever reaches it can "
+                "read the KV of the prompts it computed (keep it on a private network)",
+                self.host,
+            )
 
     def transfer_params(self) -> dict[str, Any]:
         """What a consumer needs to pull this engine's blocks (sent with each response)."""
@@ -99,20 +134,24 @@ class KVProducer(ThreadedConnector):
     def save(self, saves: list[tuple[bytes, int, bool]]) -> None:
         rows = self.blocks.gather([block_id for _, block_id, _ in saves])
         for (key, _, _), row in zip(saves, rows, strict=True):
-            self.buffer.put(key, row)
+            self.buffer.put(key, row.clone())  # alone: a view would keep the whole batch
         self.stats.blocks_saved += len(saves)
         self.stats.bytes_saved += len(saves) * self.block_bytes
 
     def _serve(self, sock: socket.socket) -> None:
-        """Answer one consumer's request (on a server thread)."""
-        sock.settimeout(TIMEOUT_S)
+        """Answer one consumer's request (on a server thread), within the deadline."""
+        if not self._slots.acquire(blocking=False):
+            return  # too many at once: the consumer recomputes
+        deadline = time.monotonic() + TRANSFER_DEADLINE_S
         try:
-            magic, fingerprint, n = _REQUEST.unpack(_read_exactly(sock, _REQUEST.size))
+            header = _read_exactly(sock, _REQUEST.size, deadline)
+            magic, fingerprint, n = _REQUEST.unpack(header)
             if magic != MAGIC or n > MAX_BLOCKS_PER_REQUEST:
                 return
-            data = _read_exactly(sock, n * HASH_BYTES)
+            data = _read_exactly(sock, n * HASH_BYTES, deadline)
             if fingerprint != self.fingerprint:
-                sock.sendall(_REPLY.pack(MAGIC, WRONG_MODEL, 0, self.block_bytes))
+                reply = _REPLY.pack(MAGIC, self.fingerprint, WRONG_MODEL, 0, self.block_bytes)
+                _send_all(sock, reply, deadline)
                 return
             rows = []
             for i in range(n):
@@ -120,11 +159,14 @@ class KVProducer(ThreadedConnector):
                 if row is None:
                     break
                 rows.append(row)
-            sock.sendall(_REPLY.pack(MAGIC, OK, len(rows), self.block_bytes))
+            reply = _REPLY.pack(MAGIC, self.fingerprint, OK, len(rows), self.block_bytes)
+            _send_all(sock, reply, deadline)
             for row in rows:
-                sock.sendall(row.numpy().tobytes())
+                _send_all(sock, row.numpy().tobytes(), deadline)
         except (OSError, ConnectionError, struct.error) as e:
             logger.warning("KV producer: a transfer failed: %s", e)
+        finally:
+            self._slots.release()
 
     def read(self, load: KVLoad) -> list[torch.Tensor]:
         return []
@@ -139,16 +181,29 @@ class KVProducer(ThreadedConnector):
 
 
 class KVConsumer(ThreadedConnector):
-    """Pulls a request's prompt blocks from the producer its kv_transfer_params name."""
+    """Pulls a request's prompt blocks from the producer its kv_transfer_params name,
+    when its config trusts that producer."""
 
     metrics_prefix = "kv_transfer"
 
-    @staticmethod
-    def _address(params: Mapping[str, Any] | None) -> tuple[str, int] | None:
+    def __init__(
+        self, config: KVTransferConfig, caches: Sequence[KVCache], fingerprint: bytes
+    ) -> None:
+        super().__init__(caches, fingerprint)
+        self.producers = set(config.kv_producers)
+
+    def _address(self, params: Mapping[str, Any] | None) -> tuple[str, int] | None:
+        """The producer the params name, if it is one this consumer trusts."""
         if not params:
             return None
         host, port = params.get("remote_host"), params.get("remote_port")
         if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+            return None
+        if f"{host}:{port}" not in self.producers:
+            logger.warning(
+                "KV consumer: %s:%s is not in kv_producers %s; recomputing the prompt",
+                host, port, sorted(self.producers),
+            )  # fmt: skip
             return None
         return host, port
 
@@ -172,23 +227,30 @@ class KVConsumer(ThreadedConnector):
         hashes = load.block_hashes
         if any(len(h) != HASH_BYTES for h in hashes):
             return []
+        deadline = time.monotonic() + TRANSFER_DEADLINE_S
         try:
-            with socket.create_connection(address, timeout=TIMEOUT_S) as sock:
+            with socket.create_connection(address, timeout=CONNECT_TIMEOUT_S) as sock:
                 request = _REQUEST.pack(MAGIC, self.fingerprint, len(hashes))
-                sock.sendall(request + b"".join(hashes))
-                magic, status, count, block_bytes = _REPLY.unpack(_read_exactly(sock, _REPLY.size))
-                if magic != MAGIC or status != OK or block_bytes != self.block_bytes:
+                _send_all(sock, request + b"".join(hashes), deadline)
+                reply = _read_exactly(sock, _REPLY.size, deadline)
+                magic, fingerprint, status, count, block_bytes = _REPLY.unpack(reply)
+                if (
+                    magic != MAGIC
+                    or status != OK
+                    or fingerprint != self.fingerprint
+                    or block_bytes != self.block_bytes
+                ):
                     problem = (
                         "runs another model or KV format"
-                        if status == WRONG_MODEL
-                        else ("answered something else")
+                        if status == WRONG_MODEL or fingerprint != self.fingerprint
+                        else "answered something else"
                     )
                     logger.warning("KV consumer: the producer at %s:%d %s", *address, problem)
                     return []
                 count = min(count, len(hashes))
                 if count == 0:
                     return []
-                payload = _read_exactly(sock, count * block_bytes)
+                payload = _read_exactly(sock, count * block_bytes, deadline)
         except (OSError, ConnectionError, struct.error) as e:
             logger.warning("KV consumer: no blocks from %s:%d: %s", *address, e)
             return []

@@ -139,14 +139,16 @@ class DiskTier:
             self.num_bytes += size
         self._trim()
 
-    def get(self, key: bytes) -> bytes | None:
-        """The block's payload, or None if missing or not this model's intact block (the
-        file is then deleted)."""
+    def get(self, key: bytes) -> memoryview | None:
+        """The block's payload (a writable view, no copy), or None if missing or not this
+        model's intact block (the file is then deleted)."""
         if key not in self._files:
             return None
         path = self.path(key)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = memoryview(bytearray(os.fstat(f.fileno()).st_size))
+                f.readinto(data)
         except OSError:
             self._forget(key, delete=False)
             return None
@@ -160,9 +162,9 @@ class DiskTier:
                 self._files.move_to_end(key)
         return data[_HEADER.size + len(key) + _TRAILER.size :]
 
-    def _check(self, data: bytes, key: bytes) -> str | None:
+    def _check(self, data: memoryview, key: bytes) -> str | None:
         """Why `data` is not this model's intact block for `key`, or None."""
-        if len(data) < _HEADER.size or data[:8] != MAGIC:
+        if len(data) < _HEADER.size or bytes(data[:8]) != MAGIC:
             return "is not a pagedllm KV block"
         _, fingerprint, key_length = _HEADER.unpack_from(data)
         if fingerprint != self.fingerprint:
@@ -171,7 +173,7 @@ class DiskTier:
         if data[_HEADER.size : start] != key or len(data) < start + _TRAILER.size:
             return "holds another block"
         length, digest = _TRAILER.unpack_from(data, start)
-        payload = memoryview(data)[start + _TRAILER.size :]
+        payload = data[start + _TRAILER.size :]
         if len(payload) != length:
             return f"is truncated ({len(payload)} of {length} payload bytes)"
         if _digest(payload) != digest:

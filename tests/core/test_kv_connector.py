@@ -174,3 +174,15 @@ def test_random_workloads_with_a_connector_finish_without_leaks(
     kv = scheduler.kv_cache_manager
     kv.check_invariants(set())
     assert kv.get_num_free_blocks() == kv.num_blocks
+
+
+def test_an_id_aborted_mid_load_is_not_reused_until_its_load_ends():
+    scheduler, worker = make()
+    evict_prompt(worker)
+    scheduler.add_request(make_request("again", PROMPT, max_tokens=2))
+    worker.step()
+    scheduler.finish_requests("again", RequestStatus.FINISHED_ABORTED)
+    with pytest.raises(ValueError, match="already in use"):
+        scheduler.add_request(make_request("again", PROMPT, max_tokens=2))
+    worker.step()  # the load is reported, the blocks freed: the id is free again
+    run(worker, make_request("again", PROMPT, max_tokens=2))

@@ -21,7 +21,10 @@ PROMPTS = [ENGLISH[:400], ENGLISH[200:700], "Paris is the capital of France. " *
 @pytest.fixture(scope="module")
 def pair():
     producer = start_engine(kv_transfer_config={"kv_role": "kv_producer", "kv_port": 0})
-    consumer = start_engine(kv_transfer_config={"kv_role": "kv_consumer"})
+    port = producer.engine.kv_connector.port
+    # the consumer trusts the producer, and one that is down (port 1: nothing listens)
+    trusted = [f"127.0.0.1:{port}", "127.0.0.1:1"]
+    consumer = start_engine(kv_transfer_config={"kv_role": "kv_consumer", "kv_producers": trusted})
     try:
         with (
             ServerThread(build_app(producer, [MODEL])) as prefill,
@@ -94,7 +97,7 @@ def test_streamed_chat_through_the_router_equals_the_whole_answer(pair):
 def test_a_producer_that_cannot_be_reached_costs_only_recomputation(pair):
     decode, consumer = pair["decode"].url, pair["consumer"]
     failures = metric(consumer, "kv_transfer_load_failures")
-    gone = {"remote_host": "127.0.0.1", "remote_port": 1}  # nothing listens there
+    gone = {"remote_host": "127.0.0.1", "remote_port": 1}  # trusted, but down
     prompt = ENGLISH[50:500]
     computed = complete(pair["prefill"].url, prompt)["choices"][0]["text"]  # no prefix hit
     answer = complete(decode, prompt, kv_transfer_params=gone)
@@ -103,6 +106,20 @@ def test_a_producer_that_cannot_be_reached_costs_only_recomputation(pair):
     assert answer["choices"][0]["text"] == computed
     pool = consumer.engine.scheduler.kv_cache_manager
     assert not pool.block_pool.get_usage()  # nothing held once it answered
+
+
+def test_a_client_cannot_name_the_producer(pair, caplog):
+    """Params naming a producer the consumer does not trust are ignored (it could fill
+    the prefix cache with made-up KV), and the router drops a client's own params."""
+    decode, consumer = pair["decode"].url, pair["consumer"]
+    loads = metric(consumer, "kv_transfer_loads")
+    rogue = {"remote_host": "127.0.0.1", "remote_port": 2}
+    prompt = ENGLISH[100:520]
+    answer = complete(decode, prompt, kv_transfer_params=rogue)
+    assert "prompt_tokens_details" not in answer["usage"] and "not in kv_producers" in caplog.text
+    assert metric(consumer, "kv_transfer_loads") == loads  # never connected
+    through_router = complete(pair["router"].url, ENGLISH[130:560], kv_transfer_params=rogue)
+    assert through_router["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
 
 
 def test_the_router_survives_a_dead_prefill_instance_and_bad_bodies(pair):
