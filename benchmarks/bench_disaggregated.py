@@ -171,7 +171,7 @@ def main() -> None:
         producer = start(8302, "--threads", "1", *flags, "--kv-transfer-config",
                          '{"kv_role": "kv_producer", "kv_port": 14591}')  # fmt: skip
         consumer = start(8303, "--threads", "1", *flags, "--kv-transfer-config",
-                         '{"kv_role": "kv_consumer"}')  # fmt: skip
+                         '{"kv_role": "kv_consumer", "kv_producers": ["127.0.0.1:14591"]}')  # fmt: skip
         router = start_router(8300, 8302, 8303)
         try:
             for port in (8302, 8303, 8300):
@@ -180,10 +180,14 @@ def main() -> None:
             results["pair_answers"], results["pair_s"] = answers(url, prompts)
             results["pair_load"] = mixed_load(url, short, long, args.duration)
             metrics = httpx.get("http://127.0.0.1:8303/metrics", timeout=10).text
-            pulled = [
-                line for line in metrics.splitlines() if "blocks_loaded_remote_total{" in line
-            ]
-            results["pulled"] = pulled[0].split()[-1] if pulled else "?"
+
+            def counter(name: str) -> float:
+                lines = [x for x in metrics.splitlines() if x.startswith(f"pagedllm:{name}{{")]
+                return float(lines[0].split()[-1]) if lines else float("nan")
+
+            results["pulled"] = counter("kv_transfer_blocks_loaded_remote_total")
+            results["mb"] = counter("kv_transfer_bytes_loaded_total") / 1e6
+            results["load_s"] = counter("kv_transfer_load_seconds_total")
         finally:
             for process in (router, producer, consumer):
                 process.terminate()
@@ -195,7 +199,9 @@ def main() -> None:
     print(f"path: {'exact float32' if args.exact_matmul else 'default (int8 activations)'}; "
           f"CPU threads: single 2, pair 1 + 1; {os.cpu_count()} cores")  # fmt: skip
     print(f"reference workload: {same}/64 answers identical; single {results['single_s']:.1f} s, "
-          f"pair {results['pair_s']:.1f} s; decode instance pulled {results['pulled']} blocks")  # fmt: skip
+          f"pair {results['pair_s']:.1f} s; decode instance pulled {results['pulled']:.0f} blocks, "
+          f"{results['mb']:.0f} MB in {results['load_s']:.1f} s of loads "
+          f"({results['mb'] / max(results['load_s'], 1e-9):.0f} MB/s per load)")  # fmt: skip
     for name in ("single", "pair"):
         r = results[f"{name}_load"]
         print(f"mixed load, {name:6s}: {r['streams']} short streams, TPOT p50 {r['tpot_p50_ms']:.1f} ms, "

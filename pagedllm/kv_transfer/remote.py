@@ -56,22 +56,25 @@ CONNECT_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 16  # served at once by a producer; more are turned away
 
 
-def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
-    """`size` bytes, or TimeoutError once `deadline` (time.monotonic) passes."""
-    data = bytearray()
-    while len(data) < size:
+def _read_exactly(sock: socket.socket, size: int, deadline: float) -> bytearray:
+    """`size` bytes, read in place, or TimeoutError once `deadline` (time.monotonic)
+    passes."""
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"transfer deadline passed after {len(data)} of {size} bytes")
+            raise TimeoutError(f"transfer deadline passed after {got} of {size} bytes")
         sock.settimeout(remaining)
-        chunk = sock.recv(min(size - len(data), 1 << 20))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
-        data += chunk
-    return bytes(data)
+        n = sock.recv_into(view[got:], min(size - got, 1 << 22))
+        if not n:
+            raise ConnectionError(f"connection closed after {got} of {size} bytes")
+        got += n
+    return data
 
 
-def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+def _send_all(sock: socket.socket, data: bytes | memoryview, deadline: float) -> None:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise TimeoutError("transfer deadline passed")
@@ -155,14 +158,14 @@ class KVProducer(ThreadedConnector):
                 return
             rows = []
             for i in range(n):
-                row = self.buffer.get(data[i * HASH_BYTES : (i + 1) * HASH_BYTES])
+                row = self.buffer.get(bytes(data[i * HASH_BYTES : (i + 1) * HASH_BYTES]))
                 if row is None:
                     break
                 rows.append(row)
             reply = _REPLY.pack(MAGIC, self.fingerprint, OK, len(rows), self.block_bytes)
             _send_all(sock, reply, deadline)
             for row in rows:
-                _send_all(sock, row.numpy().tobytes(), deadline)
+                _send_all(sock, memoryview(row.numpy()), deadline)
         except (OSError, ConnectionError, struct.error) as e:
             logger.warning("KV producer: a transfer failed: %s", e)
         finally:
@@ -254,7 +257,7 @@ class KVConsumer(ThreadedConnector):
         except (OSError, ConnectionError, struct.error) as e:
             logger.warning("KV consumer: no blocks from %s:%d: %s", *address, e)
             return []
-        rows = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(count, block_bytes)
+        rows = torch.frombuffer(payload, dtype=torch.uint8).view(count, block_bytes)
         self.stats.blocks_loaded["remote"] += count
         return list(rows)
 
