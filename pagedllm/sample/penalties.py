@@ -45,6 +45,17 @@ def apply_logit_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tens
 
 
 def apply_min_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Forbid EOS and stop tokens in rows that have fewer than ``min_tokens`` outputs."""
-    logits[meta.banned_rows, meta.banned_tokens] = float("-inf")
+    """Forbid EOS and stop tokens in rows that have fewer than ``min_tokens`` outputs.
+
+    A row whose structured-output constraint allows nothing but those tokens (its
+    grammar has matched: a regex "" from the first token) keeps them: the constraint
+    wins, since nothing could be sampled otherwise (an all -inf row drew an id past the
+    vocabulary and failed the whole step)."""
+    rows, tokens = meta.banned_rows, meta.banned_tokens
+    before = logits[rows, tokens]
+    logits[rows, tokens] = float("-inf")
+    dead = torch.isneginf(logits.amax(dim=-1))
+    if bool(dead.any()):
+        keep = dead[rows]
+        logits[rows[keep], tokens[keep]] = before[keep]
     return logits

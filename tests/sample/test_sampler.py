@@ -309,3 +309,18 @@ def test_seeded_mixed_batch_on_cuda():
     assert out.sampled_token_ids.device.type == "cuda"
     alone = run(logits[:1], rows()[:1])
     assert out.sampled_token_ids[0] == alone.sampled_token_ids[0]
+
+
+def test_a_constraint_that_allows_only_eos_outranks_min_tokens():
+    """A grammar that has matched (regex "") allows EOS alone; min_tokens must not ban
+    it too, or no token is left and the draw falls off the vocabulary."""
+    logits = make_logits(2)
+    params = SamplingParams(min_tokens=3)
+    rows = [RowSamplingState(params, [1], [], eos_token_id=2) for _ in range(2)]
+    meta = SamplingMetadata.from_requests(rows, vocab_size=V, device="cpu")
+    bitmask = torch.zeros(2, (V + 31) // 32, dtype=torch.int32)
+    bitmask[0, 0] = 1 << 2  # row 0: EOS only
+    bitmask[1, 0] = (1 << 2) | (1 << 7)  # row 1: EOS or token 7
+    meta.allowed_bitmask = bitmask
+    out = Sampler(torch.Generator().manual_seed(0))(logits, meta).sampled_token_ids.tolist()
+    assert out == [2, 7]
