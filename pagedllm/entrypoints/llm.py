@@ -128,6 +128,17 @@ class LLM:
         """The engine's counters and gauges, named as the server exports them."""
         return self.engine.get_metrics()
 
+    def close(self) -> None:
+        """Finish background work: a KV connector's loads and disk writes, and close its
+        KV server (a producer's port). `with LLM(...) as llm:` calls it on the way out."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------------------------
 
     @staticmethod

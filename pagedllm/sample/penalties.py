@@ -54,8 +54,6 @@ def apply_min_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tens
     rows, tokens = meta.banned_rows, meta.banned_tokens
     before = logits[rows, tokens]
     logits[rows, tokens] = float("-inf")
-    dead = torch.isneginf(logits.amax(dim=-1))
-    if bool(dead.any()):
-        keep = dead[rows]
-        logits[rows[keep], tokens[keep]] = before[keep]
+    dead = torch.isneginf(logits.amax(dim=-1))  # no host sync: a GPU step stays queued
+    logits[rows, tokens] = torch.where(dead[rows], before, float("-inf"))
     return logits

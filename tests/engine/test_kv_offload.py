@@ -43,7 +43,11 @@ def evict(llm: LLM) -> None:
 
 
 def test_host_tier_answers_as_a_local_prefix_hit(tmp_path):
-    llm = LLM(num_kv_blocks=40, kv_offload={"host_gib": 1})
+    with LLM(num_kv_blocks=40, kv_offload={"host_gib": 1}) as llm:
+        host_tier_answers(llm)
+
+
+def host_tier_answers(llm: LLM) -> None:
     answer(llm)
     local_hit = answer(llm)
     assert local_hit.num_cached_tokens == 192
@@ -55,7 +59,6 @@ def test_host_tier_answers_as_a_local_prefix_hit(tmp_path):
     assert metrics["kv_offload_blocks_loaded_host"] >= 1 and metrics["kv_offload_loads"] == 1
     assert metrics["kv_offload_blocks_loaded_disk"] == 0
     llm.engine.check_invariants()
-    llm.engine.close()
 
 
 def test_disk_tier_outlives_the_engine_and_a_corrupt_one_is_recomputed(tmp_path):
@@ -63,12 +66,12 @@ def test_disk_tier_outlives_the_engine_and_a_corrupt_one_is_recomputed(tmp_path)
     first = LLM(num_kv_blocks=40, kv_offload=config)
     computed = answer(first)
     local_hit = answer(first)
-    first.engine.close()
+    first.close()
     restarted = LLM(num_kv_blocks=40, kv_offload=config)
     from_disk = answer(restarted)
     assert from_disk.num_cached_tokens == 192 and same_answer(from_disk, local_hit)
     assert offloaded(restarted)["kv_offload_blocks_loaded_disk"] == 12
-    restarted.engine.close()
+    restarted.close()
     files = list(tmp_path.glob("*/*.kv"))
     assert len(files) == 12  # the prompt's blocks (the answer adds 15 tokens: no full block)
     for path in files:
@@ -79,7 +82,7 @@ def test_disk_tier_outlives_the_engine_and_a_corrupt_one_is_recomputed(tmp_path)
     recomputed = answer(damaged)
     assert recomputed.num_cached_tokens == 0 and same_answer(recomputed, computed)
     assert offloaded(damaged)["kv_offload_load_failures"] == 1
-    damaged.engine.close()
+    damaged.close()
 
 
 def test_an_abort_mid_load_frees_every_block():
