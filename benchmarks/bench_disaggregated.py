@@ -167,31 +167,31 @@ def main() -> None:
         single.terminate()
         single.wait()
 
-    if True:  # then the pair, on the same cores
-        producer = start(8302, "--threads", "1", *flags, "--kv-transfer-config",
-                         '{"kv_role": "kv_producer", "kv_port": 14591}')  # fmt: skip
-        consumer = start(8303, "--threads", "1", *flags, "--kv-transfer-config",
-                         '{"kv_role": "kv_consumer", "kv_producers": ["127.0.0.1:14591"]}')  # fmt: skip
-        router = start_router(8300, 8302, 8303)
-        try:
-            for port in (8302, 8303, 8300):
-                wait_healthy(f"http://127.0.0.1:{port}")
-            url = "http://127.0.0.1:8300"
-            results["pair_answers"], results["pair_s"] = answers(url, prompts)
-            results["pair_load"] = mixed_load(url, short, long, args.duration)
-            metrics = httpx.get("http://127.0.0.1:8303/metrics", timeout=10).text
+    # then the pair, on the same cores
+    producer = start(8302, "--threads", "1", *flags, "--kv-transfer-config",
+                     '{"kv_role": "kv_producer", "kv_port": 14591}')  # fmt: skip
+    consumer = start(8303, "--threads", "1", *flags, "--kv-transfer-config",
+                     '{"kv_role": "kv_consumer", "kv_producers": ["127.0.0.1:14591"]}')  # fmt: skip
+    router = start_router(8300, 8302, 8303)
+    try:
+        for port in (8302, 8303, 8300):
+            wait_healthy(f"http://127.0.0.1:{port}")
+        url = "http://127.0.0.1:8300"
+        results["pair_answers"], results["pair_s"] = answers(url, prompts)
+        results["pair_load"] = mixed_load(url, short, long, args.duration)
+        metrics = httpx.get("http://127.0.0.1:8303/metrics", timeout=10).text
 
-            def counter(name: str) -> float:
-                lines = [x for x in metrics.splitlines() if x.startswith(f"pagedllm:{name}{{")]
-                return float(lines[0].split()[-1]) if lines else float("nan")
+        def counter(name: str) -> float:
+            lines = [x for x in metrics.splitlines() if x.startswith(f"pagedllm:{name}{{")]
+            return float(lines[0].split()[-1]) if lines else float("nan")
 
-            results["pulled"] = counter("kv_transfer_blocks_loaded_remote_total")
-            results["mb"] = counter("kv_transfer_bytes_loaded_total") / 1e6
-            results["load_s"] = counter("kv_transfer_load_seconds_total")
-        finally:
-            for process in (router, producer, consumer):
-                process.terminate()
-                process.wait()
+        results["pulled"] = counter("kv_transfer_blocks_loaded_remote_total")
+        results["mb"] = counter("kv_transfer_bytes_loaded_total") / 1e6
+        results["load_s"] = counter("kv_transfer_load_seconds_total")
+    finally:
+        for process in (router, producer, consumer):
+            process.terminate()
+            process.wait()
 
     same = sum(
         a == b for a, b in zip(results["single_answers"], results["pair_answers"], strict=True)

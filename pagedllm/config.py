@@ -129,15 +129,7 @@ class SpeculativeConfig:
     @classmethod
     def parse(cls, value: str | dict[str, Any] | None) -> SpeculativeConfig | None:
         """From `--speculative-config`'s JSON or `LLM(speculative_config=...)`'s dict."""
-        if value is None or isinstance(value, SpeculativeConfig):
-            return value
-        fields = set(cls.__dataclass_fields__)
-        values = _json_object("speculative_config", value, fields)
-        if "method" not in values:
-            raise ValueError(
-                f"speculative_config takes {sorted(fields)} (method required), got {sorted(values)}"
-            )
-        return cls(**values)
+        return _from_json(cls, "speculative_config", value, required="method")
 
 
 @dataclass(frozen=True)
@@ -167,9 +159,7 @@ class KVOffloadConfig:
     @classmethod
     def parse(cls, value: str | dict[str, Any] | None) -> KVOffloadConfig | None:
         """From `--kv-offload`'s JSON or `LLM(kv_offload=...)`'s dict."""
-        if value is None or isinstance(value, KVOffloadConfig):
-            return value
-        return cls(**_json_object("kv_offload", value, set(cls.__dataclass_fields__)))
+        return _from_json(cls, "kv_offload", value)
 
 
 KV_ROLES = ("kv_producer", "kv_consumer")
@@ -220,17 +210,14 @@ class KVTransferConfig:
     @classmethod
     def parse(cls, value: str | dict[str, Any] | None) -> KVTransferConfig | None:
         """From `--kv-transfer-config`'s JSON or `LLM(kv_transfer_config=...)`'s dict."""
-        if value is None or isinstance(value, KVTransferConfig):
-            return value
-        fields = set(cls.__dataclass_fields__)
-        values = _json_object("kv_transfer_config", value, fields)
-        if "kv_role" not in values:
-            raise ValueError("kv_transfer_config needs kv_role (kv_producer or kv_consumer)")
-        return cls(**values)
+        return _from_json(cls, "kv_transfer_config", value, required="kv_role")
 
 
-def _json_object(name: str, value: object, fields: set[str]) -> dict[str, Any]:
-    """A flag's JSON object (or a dict), with no keys outside `fields`."""
+def _from_json(cls: Any, name: str, value: object, required: str | None = None) -> Any:
+    """A config dataclass from its flag's JSON object (or a dict, or one already built;
+    None stays None), refusing keys it does not have and a missing `required` one."""
+    if value is None or isinstance(value, cls):
+        return value
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -238,10 +225,15 @@ def _json_object(name: str, value: object, fields: set[str]) -> dict[str, Any]:
             raise ValueError(f"{name} is not JSON: {e}") from e
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    fields = set(cls.__dataclass_fields__)
     unknown = set(value) - fields
     if unknown:
         raise ValueError(f"{name} takes {sorted(fields)}, got unknown {sorted(unknown)}")
-    return value
+    if required is not None and required not in value:
+        raise ValueError(
+            f"{name} takes {sorted(fields)} ({required} required), got {sorted(value)}"
+        )
+    return cls(**value)
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -309,8 +309,7 @@ class Scheduler:
         if not hashes:
             return []
         params = request.sampling_params.kv_transfer_params
-        num = self.kv_connector.num_loadable_blocks(hashes, params)
-        return hashes[: max(0, min(num, len(hashes)))]
+        return hashes[: max(0, self.kv_connector.num_loadable_blocks(hashes, params))]
 
     def _start_load(self, request: Request, num_hit: int, hashes: list[BlockHash]) -> None:
         """Park an admitted request while the worker fills its blocks from the connector."""
@@ -478,12 +477,7 @@ class Scheduler:
                 # its blocks are being written: they go back once the load is reported
                 del self.loading[request_id], self._loads[request_id]
                 self._free_after_load.add(request_id)
-                del self.requests[request_id]
-                self.finished_req_ids.add(request_id)
-                request.status = status
-                done.append(request)
-                continue
-            if request.status is not RequestStatus.RUNNING:
+            elif request.status is not RequestStatus.RUNNING:
                 self.waiting.remove(request)
             request.status = status
             self._release(request)
@@ -493,7 +487,8 @@ class Scheduler:
         return done
 
     def _release(self, request: Request) -> None:
-        self.kv_cache_manager.free(request.request_id)
+        if request.request_id not in self._free_after_load:
+            self.kv_cache_manager.free(request.request_id)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
 
@@ -575,7 +570,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         return SchedulerStats(
             num_running=len(self.running),
-            num_waiting=len(self.waiting) + len(self.loading),
+            num_waiting=self.num_waiting,
             kv_cache_usage=kv.get_usage(),
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,

@@ -171,13 +171,13 @@ class LLMEngine:
             if draft_model is not None
             else []
         )
-        self.kv_connector = self._kv_connector(path, windows, kv_caches + draft_caches, draft_model)
+        self.kv_connector = self._kv_connector(path, windows, kv_caches + draft_caches)
         self.scheduler = Scheduler(
             args.scheduler_config(max_model_len),
             args.cache_config(num_blocks),
             num_blocks,
             windows,
-            kv_connector=self.kv_connector,  # type: ignore[arg-type]
+            kv_connector=self.kv_connector,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB) in %s, %d layer group(s) (%s); "
@@ -222,7 +222,7 @@ class LLMEngine:
         self.debug_invariants = debug_invariants_enabled()
 
     def _kv_connector(
-        self, path: str, windows: list[int | None], caches: list, draft: Any
+        self, path: str, windows: list[int | None], caches: list
     ) -> ThreadedConnector | None:
         """The host/disk tiers of --kv-offload or the producer/consumer of
         --kv-transfer-config, when asked for."""
@@ -234,12 +234,13 @@ class LLMEngine:
                 "kv_offload and kv_transfer_config need a model with one KV-cache layer "
                 "group; this one has sliding-window layers beside full-attention ones"
             )
+        draft = args.speculative.model if args.speculative is not None else None
         identity = (
             str(self.dtype),
             str(self.kv_cache_dtype),
-            self.args.block_size,
-            self.args.exact_matmul,
-            None if draft is None else self.args.speculative.model,  # type: ignore[union-attr]
+            args.block_size,
+            args.exact_matmul,
+            draft,
         )
         fp = fingerprint(path, caches, *identity)
         if args.kv_offload_config is not None:

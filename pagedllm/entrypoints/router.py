@@ -35,6 +35,11 @@ logger = logging.getLogger("pagedllm.router")
 _FORWARDED = ("authorization", "content-type", "x-request-id")
 
 
+def _forwarded(request: Request) -> dict[str, str]:
+    """The client's headers the instances are given too."""
+    return {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
+
+
 def _prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     """The request as the prefill instance runs it: one token, whole, one choice."""
     prefill = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
@@ -87,7 +92,7 @@ def build_router_app(prefill_urls: Sequence[str], decode_urls: Sequence[str]) ->
             return APIError(400, "the body must be a JSON object").response()
         # where the KV comes from is the router's to say, never the client's
         body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
-        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
+        headers = _forwarded(request)
         params = await prefill(path, body, headers)
         if params is not None:
             body = {**body, "kv_transfer_params": params}
@@ -122,7 +127,7 @@ def build_router_app(prefill_urls: Sequence[str], decode_urls: Sequence[str]) ->
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
+        headers = _forwarded(request)
         url = next(decodes) + "/v1/models"
         try:
             answer = await client.get(url, headers=headers)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,8 +58,13 @@ class TransferStats:
 
 class ThreadedConnector:
     """The engine calls ``start`` with each step's saves and loads before the step runs
-    and ``poll`` after it; subclasses say what to save (``save``) and where blocks come
-    from (``read``)."""
+    and ``poll`` after it. Subclasses answer the scheduler (``num_loadable_blocks``,
+    ``wants_block``), say what to do with a block copied out (``keep``) and where loaded
+    blocks come from (``read``); their counters are exported as ``metrics_prefix``_*
+    with one hit and load count per tier in ``tiers``."""
+
+    metrics_prefix = ""
+    tiers: tuple[str, ...] = ()
 
     def __init__(self, caches: Sequence[KVCache], fingerprint: bytes) -> None:
         """`fingerprint`: what a block from elsewhere must match (blocks.fingerprint)."""
@@ -75,7 +81,11 @@ class ThreadedConnector:
         loses its copies; the loads start whatever happens."""
         try:
             if saves:
-                self.save(saves)
+                rows = self.blocks.gather([block_id for _, block_id, _ in saves])
+                for (key, _, evicted), row in zip(saves, rows, strict=True):
+                    self.keep(key, row, evicted)
+                self.stats.blocks_saved += len(saves)
+                self.stats.bytes_saved += len(saves) * self.block_bytes
         except Exception:
             logger.exception("KV connector: saving %d blocks failed", len(saves))
         for load in loads:
@@ -101,16 +111,32 @@ class ThreadedConnector:
             self.stats.load_failures += 1
             return 0
 
-    def save(self, saves: list[tuple[bytes, int, bool]]) -> None:
-        """Keep what the connector wanted of (hash, block id, evicted); default: nothing."""
-
-    def read(self, load: KVLoad) -> list[torch.Tensor]:
-        """The load's leading blocks that can be had, as [block_bytes] uint8 rows."""
+    def num_loadable_blocks(
+        self, block_hashes: Sequence[bytes], transfer_params: Mapping[str, Any] | None
+    ) -> int:
+        """How many of these consecutive blocks, from the first, the connector can supply."""
         raise NotImplementedError
+
+    def wants_block(self, block_hash: bytes, evicted: bool) -> bool:
+        """Whether to save a block just computed (``evicted`` False) or leaving the pool."""
+        raise NotImplementedError
+
+    def keep(self, block_hash: bytes, row: torch.Tensor, evicted: bool) -> None:
+        """Store one block it wanted, copied out as a [block_bytes] uint8 row (a view of
+        the step's batch: clone it to keep it alone)."""
+        raise NotImplementedError
+
+    def read(self, load: KVLoad) -> torch.Tensor:
+        """The load's leading blocks that can be had, as [n, block_bytes] uint8 rows."""
+        raise NotImplementedError
+
+    def no_rows(self) -> torch.Tensor:
+        """What ``read`` returns when no block can be had."""
+        return torch.empty(0, self.block_bytes, dtype=torch.uint8)
 
     def metrics(self) -> dict[str, float]:
         """The counters under their exported names."""
-        raise NotImplementedError
+        return self.stats.as_metrics(self.metrics_prefix, self.tiers)
 
     def _load(self, load: KVLoad) -> int:
         """Read the load's blocks, write those found into the pool; how many it wrote."""
@@ -119,8 +145,8 @@ class ThreadedConnector:
         stats = self.stats
         if len(rows) < len(load.block_hashes):
             stats.load_failures += 1
-        if rows:
-            self.blocks.scatter(load.block_ids[: len(rows)], torch.stack(rows))
+        if len(rows):
+            self.blocks.scatter(load.block_ids[: len(rows)], rows)
             stats.bytes_loaded += len(rows) * self.block_bytes
         stats.loads += 1
         stats.load_seconds += time.perf_counter() - start

@@ -28,6 +28,7 @@ class OffloadConnector(ThreadedConnector):
     """Host-memory and disk tiers behind the KV pool."""
 
     metrics_prefix = "kv_offload"
+    tiers = ("host", "disk")
 
     def __init__(
         self, config: KVOffloadConfig, caches: Sequence[KVCache], fingerprint: bytes
@@ -64,17 +65,13 @@ class OffloadConnector(ThreadedConnector):
 
     # ------------------------------------------------------------- worker side
 
-    def save(self, saves: list[tuple[bytes, int, bool]]) -> None:
-        rows = self.blocks.gather([block_id for _, block_id, _ in saves])
-        for (key, _, evicted), row in zip(saves, rows, strict=True):
-            if evicted and self.host is not None:
-                self.host.put(key, row.clone())  # alone: a view would keep the whole batch
-            if self.disk is not None and key not in self.disk:
-                self._writer.submit(self.disk.put, key, row.numpy().tobytes())
-        self.stats.blocks_saved += len(saves)
-        self.stats.bytes_saved += len(saves) * self.block_bytes
+    def keep(self, block_hash: bytes, row: torch.Tensor, evicted: bool) -> None:
+        if evicted and self.host is not None:
+            self.host.put(block_hash, row.clone())  # alone: a view would keep the batch
+        if self.disk is not None and block_hash not in self.disk:
+            self._writer.submit(self.disk.put, block_hash, row.numpy().tobytes())
 
-    def read(self, load: KVLoad) -> list[torch.Tensor]:
+    def read(self, load: KVLoad) -> torch.Tensor:
         """Each block from the host tier, else the disk (then kept in the host tier),
         stopping at the first one missing or corrupt."""
         rows: list[torch.Tensor] = []
@@ -92,10 +89,7 @@ class OffloadConnector(ThreadedConnector):
             else:
                 break
             rows.append(row)
-        return rows
-
-    def metrics(self) -> dict[str, float]:
-        return self.stats.as_metrics(self.metrics_prefix, ("host", "disk"))
+        return torch.stack(rows) if rows else self.no_rows()
 
     def close(self) -> None:
         """Finish the pending loads and disk writes (the disk then holds every block)."""

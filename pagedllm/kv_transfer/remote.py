@@ -85,7 +85,7 @@ def _send_all(sock: socket.socket, data: bytes | memoryview, deadline: float) ->
 class KVProducer(ThreadedConnector):
     """Keeps each computed block in a host buffer and serves it to consumers."""
 
-    metrics_prefix = "kv_transfer"
+    metrics_prefix = "kv_transfer"  # its loads are the consumer's: no tiers
 
     def __init__(
         self, config: KVTransferConfig, caches: Sequence[KVCache], fingerprint: bytes
@@ -134,12 +134,8 @@ class KVProducer(ThreadedConnector):
     def wants_block(self, block_hash: bytes, evicted: bool) -> bool:
         return not evicted and block_hash not in self.buffer
 
-    def save(self, saves: list[tuple[bytes, int, bool]]) -> None:
-        rows = self.blocks.gather([block_id for _, block_id, _ in saves])
-        for (key, _, _), row in zip(saves, rows, strict=True):
-            self.buffer.put(key, row.clone())  # alone: a view would keep the whole batch
-        self.stats.blocks_saved += len(saves)
-        self.stats.bytes_saved += len(saves) * self.block_bytes
+    def keep(self, block_hash: bytes, row: torch.Tensor, evicted: bool) -> None:
+        self.buffer.put(block_hash, row.clone())  # alone: a view would keep the batch
 
     def _serve(self, sock: socket.socket) -> None:
         """Answer one consumer's request (on a server thread), within the deadline."""
@@ -171,12 +167,6 @@ class KVProducer(ThreadedConnector):
         finally:
             self._slots.release()
 
-    def read(self, load: KVLoad) -> list[torch.Tensor]:
-        return []
-
-    def metrics(self) -> dict[str, float]:
-        return self.stats.as_metrics(self.metrics_prefix, ())
-
     def close(self) -> None:
         super().close()
         self.server.shutdown()
@@ -188,6 +178,7 @@ class KVConsumer(ThreadedConnector):
     when its config trusts that producer."""
 
     metrics_prefix = "kv_transfer"
+    tiers = ("remote",)
 
     def __init__(
         self, config: KVTransferConfig, caches: Sequence[KVCache], fingerprint: bytes
@@ -224,12 +215,12 @@ class KVConsumer(ThreadedConnector):
     def wants_block(self, block_hash: bytes, evicted: bool) -> bool:
         return False
 
-    def read(self, load: KVLoad) -> list[torch.Tensor]:
+    def read(self, load: KVLoad) -> torch.Tensor:
         address = self._address(load.transfer_params)
         assert address is not None
         hashes = load.block_hashes
         if any(len(h) != HASH_BYTES for h in hashes):
-            return []
+            return self.no_rows()
         deadline = time.monotonic() + TRANSFER_DEADLINE_S
         try:
             with socket.create_connection(address, timeout=CONNECT_TIMEOUT_S) as sock:
@@ -249,17 +240,13 @@ class KVConsumer(ThreadedConnector):
                         else "answered something else"
                     )
                     logger.warning("KV consumer: the producer at %s:%d %s", *address, problem)
-                    return []
+                    return self.no_rows()
                 count = min(count, len(hashes))
                 if count == 0:
-                    return []
+                    return self.no_rows()
                 payload = _read_exactly(sock, count * block_bytes, deadline)
         except (OSError, ConnectionError, struct.error) as e:
             logger.warning("KV consumer: no blocks from %s:%d: %s", *address, e)
-            return []
-        rows = torch.frombuffer(payload, dtype=torch.uint8).view(count, block_bytes)
+            return self.no_rows()
         self.stats.blocks_loaded["remote"] += count
-        return list(rows)
-
-    def metrics(self) -> dict[str, float]:
-        return self.stats.as_metrics(self.metrics_prefix, ("remote",))
+        return torch.frombuffer(payload, dtype=torch.uint8).view(count, block_bytes)
