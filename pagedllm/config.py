@@ -269,9 +269,11 @@ class EngineArgs:
     pooling: str = "auto"  # embedding requests: auto (the model's, else last), last, mean, cls
     kv_offload: str | dict[str, Any] | None = None  # see KVOffloadConfig
     kv_transfer_config: str | dict[str, Any] | None = None  # see KVTransferConfig
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _check_bool("exact_matmul", self.exact_matmul)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1, maximum=1024)
         if self.threads is not None:
             _check_int("threads", self.threads, minimum=1, maximum=4096)
         if self.dtype not in DTYPES:
@@ -304,8 +306,23 @@ class EngineArgs:
                 "kv_offload and kv_transfer_config move blocks by their prefix-cache hash: "
                 "they need enable_prefix_caching"
             )
+        if self.tensor_parallel_size > 1:
+            self._check_tensor_parallel()
         self.cache_config(num_blocks=self.num_kv_blocks)
         self.scheduler_config(self.max_model_len or 2**20)
+
+    def _check_tensor_parallel(self) -> None:
+        """What does not run across ranks yet: it reads or writes rank 0's KV cache or
+        model alone."""
+        if self.kv_offload_config is not None or self.kv_transfer is not None:
+            raise ValueError(
+                "kv_offload and kv_transfer_config do not run with tensor_parallel_size > 1 yet"
+            )
+        if self.speculative is not None and self.speculative.method == "draft_model":
+            raise ValueError(
+                "a draft model does not run with tensor_parallel_size > 1 yet: use "
+                '{"method": "ngram"}'
+            )
 
     def cache_config(self, num_blocks: int | None) -> CacheConfig:
         return CacheConfig(
@@ -361,5 +378,9 @@ ENGINE_ARG_HELP = {
     "prefill instance, kv_consumer on a decode instance; `pagedllm router` pairs them",
     "exact_matmul": "multiply quantized GGUF weights in float32 from their exact values "
     "(matches transformers; default: int8 activations, a scale per 16 values, as llama.cpp)",
-    "threads": "CPU threads for kernels and torch (default: every core this process may use)",
+    "threads": "CPU threads for kernels and torch, per rank (default: every core this process "
+    "may use, shared between the tensor-parallel ranks)",
+    "tensor_parallel_size": "split the model over this many processes (gloo on CPU, NCCL on "
+    "CUDA): heads, MLP columns and vocabulary, weights and KV cache alike; under torchrun "
+    "(RANK and WORLD_SIZE set) every rank runs the same command and rank 0 serves",
 }

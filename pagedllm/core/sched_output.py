@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pagedllm.core.block_pool import BlockHash
 from pagedllm.core.kv_connector import KVLoad
+from pagedllm.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
@@ -28,11 +29,29 @@ class ScheduledRequest:
     is_prefill_chunk: bool
     token_ids: list[int]  # the tokens whose KV this step computes
     num_draft_tokens: int = 0
+    # output tokens the request gained since the worker last saw it (a request new to
+    # the worker comes whole in SchedulerOutput.new_requests instead)
+    new_output_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether a token is sampled for this request after the step."""
         return not self.is_prefill_chunk
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """What the worker keeps of a request, sent the first step it is scheduled (and again
+    after a preemption, which drops the worker's copy): after that only its new output
+    tokens travel, in ``ScheduledRequest.new_output_token_ids``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # a copy: the worker appends the deltas to it
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+    pooling: str | None = None  # an embedding request's pooling ("last", "mean", "cls")
+    pooling_normalize: bool = True
 
 
 @dataclass
@@ -48,6 +67,11 @@ class SchedulerOutput:
     ``schedule()``, never change them. With a KV connector, the worker first copies out
     ``kv_saves`` ((hash, block id, evicted): their KV is still there), then starts
     ``kv_loads`` (blocks of requests waiting for remote KV), then everything above.
+
+    It holds everything a worker needs, so another process can run the step: the
+    requests it has not seen (``new_requests``: prompts, parameters, output so far) and
+    for the others only the tokens they gained; ``num_samples`` asks for more than one
+    draw from a request's last row (the first tokens of an n > 1 request).
     """
 
     scheduled_requests: list[ScheduledRequest] = field(default_factory=list)
@@ -60,6 +84,8 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)  # since the previous step
     kv_saves: list[tuple[BlockHash, int, bool]] = field(default_factory=list)
     kv_loads: list[KVLoad] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    num_samples: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -28,7 +28,12 @@ from pagedllm.core.invariants import require
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.kv_connector import KVConnectorScheduler, KVLoad
 from pagedllm.core.request_queue import make_request_queue
-from pagedllm.core.sched_output import ScheduledRequest, SchedulerOutput, SchedulerStats
+from pagedllm.core.sched_output import (
+    NewRequestData,
+    ScheduledRequest,
+    SchedulerOutput,
+    SchedulerStats,
+)
 from pagedllm.request import Request, RequestStatus
 
 
@@ -64,6 +69,8 @@ class Scheduler:
         self.waiting = make_request_queue(scheduler_config.policy)
         self.running: list[Request] = []  # in admission order; forks follow their parent
         self.finished_req_ids: set[str] = set()  # since the last schedule()
+        # what the worker holds of each request: how many output tokens it has seen
+        self._worker_output_lens: dict[str, int] = {}
         self.num_preemptions_total = 0
         if kv_connector is not None and len(sliding_windows) > 1:
             raise ValueError("a KV connector needs a model with one KV-cache layer group")
@@ -240,12 +247,39 @@ class Scheduler:
             block_copies=kv.take_pending_copies(),
             preempted_req_ids=preempted,
             finished_req_ids=self.finished_req_ids,
+            new_requests=self._worker_deltas(scheduled),
         )
         self.finished_req_ids = set()
         if self.kv_connector is not None:
             output.kv_loads, self._kv_loads = self._kv_loads, []
             output.kv_saves = self.take_kv_saves()
         return output
+
+    def _worker_deltas(self, scheduled: list[ScheduledRequest]) -> list[NewRequestData]:
+        """The scheduled requests the worker has not seen, whole; for the others, set
+        the output tokens gained since it last did on their ScheduledRequest."""
+        new: list[NewRequestData] = []
+        seen = self._worker_output_lens
+        for s in scheduled:
+            request = self.requests[s.request_id]
+            output = request.output_token_ids
+            known = seen.get(s.request_id)
+            if known is None:
+                new.append(
+                    NewRequestData(
+                        request.request_id,
+                        request.prompt_token_ids,
+                        list(output),
+                        request.sampling_params,
+                        request.eos_token_id,
+                        request.pooling,
+                        request.pooling_normalize,
+                    )
+                )
+            elif known < len(output):
+                s.new_output_token_ids = output[known:]
+            seen[s.request_id] = len(output)
+        return new
 
     def take_kv_saves(self) -> list[tuple[BlockHash, int, bool]]:
         """Blocks cached or evicted since the last call that the connector wants saved,
@@ -397,6 +431,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks and queue it for recomputation."""
         self.kv_cache_manager.free(request.request_id)
+        self._worker_output_lens.pop(request.request_id, None)  # the worker drops it too
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -490,6 +525,7 @@ class Scheduler:
         if request.request_id not in self._free_after_load:
             self.kv_cache_manager.free(request.request_id)
         del self.requests[request.request_id]
+        self._worker_output_lens.pop(request.request_id, None)
         self.finished_req_ids.add(request.request_id)
 
     # ------------------------------------------------------------------ fork

@@ -42,6 +42,7 @@ from pagedllm.outputs import (
 )
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
+from pagedllm.worker.executor import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +354,12 @@ class AsyncLLM:
             logger.exception("engine thread died")
             self._dead = e
         finally:
-            self._fail_all(self._dead or EngineDeadError("the engine has shut down"))
+            dead = self._dead
+            self._fail_all(
+                EngineDeadError(f"the engine has stopped: {dead}")
+                if dead is not None
+                else EngineDeadError("the engine has shut down")
+            )
             self._fail_pending_commands()
             engine.close()
 
@@ -393,8 +399,10 @@ class AsyncLLM:
     def _step(self) -> list[RequestOutput]:
         try:
             outputs = self.engine.step()
-        except InvariantError:
-            raise  # corrupt bookkeeping: stop serving rather than hand out wrong KV
+        except (InvariantError, WorkerDiedError):
+            # corrupt bookkeeping: stop serving rather than hand out wrong KV; a dead
+            # tensor-parallel rank: no step can run again (the server reports unhealthy)
+            raise
         except Exception as e:
             # Fault isolation: the requests in flight fail, the engine keeps serving.
             logger.exception("engine step failed; aborting %d requests", len(self._requests))

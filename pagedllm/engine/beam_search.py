@@ -38,7 +38,7 @@ from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 if TYPE_CHECKING:
     from pagedllm.core.scheduler import Scheduler
     from pagedllm.tokenizer import Tokenizer
-    from pagedllm.worker.model_runner import ModelRunner, SampledRow
+    from pagedllm.worker.model_runner import SampledRow
 
 
 @dataclass
@@ -82,11 +82,8 @@ class _Plan:
 class BeamSearchDriver:
     """The engine's live beam searches, advanced by the engine's own step."""
 
-    def __init__(
-        self, scheduler: Scheduler, runner: ModelRunner, tokenizer: Tokenizer, vocab_size: int
-    ) -> None:
+    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, vocab_size: int) -> None:
         self.scheduler = scheduler
-        self.runner = runner
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._searches: dict[str, _Search] = {}  # user request id → its search
@@ -212,7 +209,6 @@ class BeamSearchDriver:
             search = self._owner.pop(old_id)
             new_id = search.new_beam_id(scheduler.requests)
             scheduler.finish_requests(old_id, RequestStatus.FINISHED_ABORTED)
-            self.runner.release([old_id])
             scheduler.add_request(
                 _requeued(request, new_id, request.output_token_ids), admitted=True
             )
@@ -277,7 +273,6 @@ class BeamSearchDriver:
 
     def _abort_beams(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
-        self.runner.release(request_ids)
         for request_id in request_ids:
             self._owner.pop(request_id, None)
 

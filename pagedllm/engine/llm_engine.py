@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from pagedllm.attention.kv_cache import resolve_kv_cache_dtype
 from pagedllm.config import EngineArgs
 from pagedllm.core.invariants import debug_invariants_enabled, require
 from pagedllm.core.sched_output import SchedulerOutput
@@ -30,7 +26,6 @@ from pagedllm.kv_transfer.connector import ThreadedConnector
 from pagedllm.kv_transfer.offload import OffloadConnector
 from pagedllm.kv_transfer.remote import KVConsumer, KVProducer
 from pagedllm.model.config import ModelArchConfig
-from pagedllm.model.loader import load_model, resolve_model_path
 from pagedllm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import Request, RequestStatus
@@ -41,55 +36,20 @@ from pagedllm.spec_decode import (
     NgramProposer,
     Proposer,
     SpecDecodeStats,
-    load_draft_model,
 )
 from pagedllm.spec_decode.stats import ACCEPTED_PER_POSITION
 from pagedllm.tokenizer import load_tokenizer
-from pagedllm.worker.kv_cache import (
-    allocate_kv_cache,
-    bytes_per_block,
-    kv_cache_groups,
-    num_blocks_for_memory,
-)
-from pagedllm.worker.model_runner import ModelRunner, SampledRow
+from pagedllm.worker.executor import make_executor
+from pagedllm.worker.kv_cache import kv_cache_groups
+from pagedllm.worker.model_runner import SampledRow
+from pagedllm.worker.worker import resolve_device, resolve_dtype, usable_cores
+
+__all__ = ["LLMEngine", "PromptType", "resolve_device", "resolve_dtype", "usable_cores"]
 
 logger = logging.getLogger(__name__)
 
 
-def _windows(config: ModelArchConfig) -> list[int | None]:
-    """Each KV-cache layer group's sliding window (None: full attention)."""
-    return [group.sliding_window for group in kv_cache_groups(config)]
-
-
 PromptType = str | list[int] | dict[str, Any]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, which containers and `taskset`
-    narrow), so kernels and torch never run more threads than cores."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: float32 on CPU, bfloat16 on CUDA where supported, else float16.
-
-    On the CPU bf16 was 1.34x faster at batch 1 and no faster at batch 32 (no AMX),
-    and its greedy tokens left fp32's within 32 tokens on some prompts: fp32 is the
-    fastest faithful choice (BENCHMARKS.md, benchmarks/bench_dtype.py)."""
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 @dataclass
@@ -103,77 +63,32 @@ class LLMEngine:
 
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
-        # Subnormal floats turn up in this model's activations and made CPU matmuls
-        # 2-3x slower (measured: 742 → 224 ms per decode step under load); flushing
-        # them to zero changes no logit beyond float tolerance.
-        torch.set_flush_denormal(True)
-        torch.set_num_threads(args.threads or usable_cores())
-        # oneDNN keeps every bf16 matmul kernel it compiles, one per shape (1,024 by
-        # default, ~100 MB seen growing under a server's changing batches): bound it, above
-        # the ~150 shapes the tiles' padded row counts make (model/layers/quantized.py)
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
-        self.device = resolve_device(args.device)
-        self.dtype = resolve_dtype(args.dtype, self.device)
-        path = resolve_model_path(args.model)
-        self.model_path = path
-        # refuses a max_model_len past the model's context
-        self.model = load_model(
-            path,
-            self.dtype,
-            self.device,
-            exact_matmul=args.exact_matmul,
-            max_model_len=args.max_model_len,
-        )
+        # the model, its KV cache and the runner live in the workers (rank 0 here)
+        self.executor = make_executor(args)
+        worker = self.executor.driver
+        self.device, self.dtype = worker.device, worker.dtype
+        self.model_path = path = worker.model_path
+        self.model = worker.model
         self.model_config = config = self.model.config
         self.tokenizer = load_tokenizer(path)
-        self.max_model_len = max_model_len = args.max_model_len or config.max_position_embeddings
-        self.kv_cache_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
-        speculative = args.speculative
-        draft_model = None
-        if speculative is not None and speculative.method == "draft_model":
-            draft_model = load_draft_model(
-                speculative,
-                config.vocab_size,
-                self.dtype,
-                self.device,
-                exact_matmul=args.exact_matmul,
-                max_model_len=max_model_len,
-            )
-        windows = _windows(config)
-        sliding = draft_model is not None and (
+        self.max_model_len = worker.max_model_len
+        self.kv_cache_dtype = worker.kv_cache_dtype
+        draft_model, draft_caches = worker.draft_model, worker.draft_caches
+        windows = worker.windows
+        if draft_model is not None and (
             windows != [None] or _windows(draft_model.config) != [None]
-        )
-        if sliding:
+        ):
+            self.executor.close()
             raise ValueError(
                 "draft-model speculation reaches the draft's KV through the target's one "
                 "block table, so neither model may have sliding-window layers (their blocks "
                 'are freed as the window moves); use {"method": "ngram"} with this model'
             )
-        # a draft model's KV pool has as many blocks as the target's (same tables)
-        block_bytes = sum(
-            bytes_per_block(m.config, args.block_size, self.kv_cache_dtype)
-            for m in (self.model, draft_model)
-            if m is not None
-        )
-        num_blocks = args.num_kv_blocks or num_blocks_for_memory(
-            block_bytes, self.device, args.kv_cache_memory
-        )
-        if num_blocks < 1:
-            raise ValueError("kv_cache_memory is too small for one KV-cache block")
-        self.num_blocks = num_blocks
-        kv_caches = allocate_kv_cache(
-            config, num_blocks, args.block_size, self.kv_cache_dtype, self.device
-        )
-        draft_caches = (
-            allocate_kv_cache(
-                draft_model.config, num_blocks, args.block_size, self.kv_cache_dtype, self.device
-            )
-            if draft_model is not None
-            else []
-        )
+        self.num_blocks = num_blocks = worker.num_blocks
+        kv_caches = worker.kv_caches
         self.kv_connector = self._kv_connector(path, windows, kv_caches + draft_caches)
         self.scheduler = Scheduler(
-            args.scheduler_config(max_model_len),
+            args.scheduler_config(self.max_model_len),
             args.cache_config(num_blocks),
             num_blocks,
             windows,
@@ -184,13 +99,13 @@ class LLMEngine:
             "one sequence can hold %d tokens",
             num_blocks,
             args.block_size,
-            num_blocks * block_bytes / 2**20,
+            num_blocks * worker.block_bytes / 2**20,
             str(self.kv_cache_dtype).removeprefix("torch."),
             len(windows),
             ", ".join("full" if w is None else f"window {w}" for w in windows),
             self.scheduler.default_max_len - 1,
         )
-        self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
+        self.runner = worker.runner
         tokenizer = self.tokenizer
         self.runner.grammars = GrammarMatchers(
             GrammarCompiler(
@@ -199,9 +114,8 @@ class LLMEngine:
                 [tokenizer.eos_token_id, *tokenizer.end_of_turn_ids],
             )
         )
-        self.runner.sampler.generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.beams = BeamSearchDriver(self.scheduler, self.runner, tokenizer, config.vocab_size)
+        self.beams = BeamSearchDriver(self.scheduler, tokenizer, config.vocab_size)
         self._ids = itertools.count()
         self._pending_fork: dict[str, int] = {}  # n > 1 requests not yet forked
         self._embeddings: dict[str, list[int]] = {}  # live embedding requests: their prompts
@@ -211,12 +125,12 @@ class LLMEngine:
         self.step_stats = StepStats()
         self.proposer: Proposer | None = None
         if draft_model is not None:
-            assert speculative is not None
+            assert args.speculative is not None
             self.proposer = DraftModelProposer(
-                speculative, draft_model, draft_caches, args.block_size, self.device
+                args.speculative, draft_model, draft_caches, args.block_size, self.device
             )
-        elif speculative is not None:
-            self.proposer = NgramProposer(speculative)
+        elif args.speculative is not None:
+            self.proposer = NgramProposer(args.speculative)
         self.spec_stats = SpecDecodeStats()
         # PAGEDLLM_DEBUG_INVARIANTS=1: re-check the bookkeeping after every step and abort.
         self.debug_invariants = debug_invariants_enabled()
@@ -256,9 +170,11 @@ class LLMEngine:
         return connector.transfer_params() if isinstance(connector, KVProducer) else None
 
     def close(self) -> None:
-        """Finish background work: pending KV loads, disk writes, the KV server."""
+        """Finish background work: pending KV loads, disk writes, the KV server, the
+        other tensor-parallel ranks."""
         if self.kv_connector is not None:
             self.kv_connector.close()
+        self.executor.close()
 
     # ------------------------------------------------------------------ intake
 
@@ -407,12 +323,10 @@ class LLMEngine:
             return self.beams.abort(user_id, error)
         if user_id in self._embeddings:
             self.scheduler.finish_requests([user_id], RequestStatus.FINISHED_ABORTED)
-            self.runner.release([user_id])
             ids = self._embeddings.pop(user_id)
             return EmbeddingRequestOutput(user_id, ids, EmbeddingOutput([]), error=error)
         seq_ids = self.output_processor.sequence_ids(user_id)
         self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
-        self.runner.release(seq_ids)
         if self.proposer is not None:
             self.proposer.release(seq_ids)
         self._pending_fork.pop(user_id, None)
@@ -448,12 +362,12 @@ class LLMEngine:
         requests = scheduler.requests
         if self.proposer is not None:
             self.proposer.draft(sched, requests)
-        num_samples = {
+        num_samples = sched.num_samples = {
             s.request_id: self._pending_fork[s.request_id]
             for s in sched.scheduled_requests
             if s.samples and s.request_id in self._pending_fork
         }
-        result = self.runner.execute(sched, requests, num_samples)
+        result = self.executor.execute(sched)
         executed_at = time.perf_counter()
         sampled = result.sampled
         self.count_tokens(sched, sampled)
@@ -493,7 +407,6 @@ class LLMEngine:
         if stopped:
             for r in scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED):
                 r.stop_reason = "stop string"
-        self.runner.release([*finished_by_id, *stopped])
         if self.proposer is not None:
             self._speculate(sched, sampled, [*finished_by_id, *stopped])
         self.step_stats.add_step(start, scheduled_at, executed_at, time.perf_counter())
@@ -518,7 +431,11 @@ class LLMEngine:
         """Raise InvariantError unless the scheduler, its blocks and the runner agree."""
         self.scheduler.check_invariants()
         live = self.scheduler.requests
-        stale = [rid for rid in self.runner.live_request_ids() if rid not in live]
+        # the runner forgets finished requests when the next step tells it
+        told = self.scheduler.finished_req_ids
+        stale = [
+            rid for rid in self.runner.live_request_ids() if rid not in live and rid not in told
+        ]
         require(not stale, f"the model runner keeps state for finished requests {stale}")
         stale = [rid for rid in self.beams.live_request_ids() if rid not in live]
         require(not stale, f"beam searches name finished requests as live beams {stale}")
@@ -543,7 +460,11 @@ class LLMEngine:
         row = sampled[parent_id]
         parent = self.scheduler.requests[parent_id]
         children = [
-            parent.fork(f"{parent_id}#{i}", output_token_ids=[row.token_ids[i]])
+            parent.fork(
+                f"{parent_id}#{i}",
+                sampling_params=_child_params(parent.sampling_params, i),
+                output_token_ids=[row.token_ids[i]],
+            )
             for i in range(1, n)
         ]
         # A child its first token already ends (EOS, or max_tokens=1) is never forked:
@@ -558,8 +479,6 @@ class LLMEngine:
         if live:
             self.scheduler.fork_request(parent_id, live)
         for i, child in enumerate(children, start=1):
-            if child.request_id not in ended:
-                self.runner.fork_generator(parent_id, child.request_id, i)
             self.output_processor.add_sequence(parent_id, child.request_id, i)
             sampled[child.request_id] = SampledRow(
                 [row.token_ids[i]], None if row.logprobs is None else [row.logprobs[i]]
@@ -594,3 +513,16 @@ class LLMEngine:
                 for i, count in enumerate(self.spec_stats.accepted_per_position)
             },
         }
+
+
+def _windows(config: ModelArchConfig) -> list[int | None]:
+    """Each KV-cache layer group's sliding window (None: full attention)."""
+    return [group.sliding_window for group in kv_cache_groups(config)]
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """An n > 1 request's `index`-th child's parameters: a seeded parent's children draw
+    from streams of their own, derived from its seed and their index."""
+    if params.seed is None:
+        return params
+    return params.clone(seed=(params.seed % 2**64 * 1_000_003 + index) % 2**63)

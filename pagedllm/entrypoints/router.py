@@ -24,20 +24,13 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from pagedllm.entrypoints.cli_args import HelpFormatter
 from pagedllm.entrypoints.openai.errors import APIError
+from pagedllm.entrypoints.proxy import forwarded_headers, relay
 
 logger = logging.getLogger("pagedllm.router")
-
-# request headers passed on to the instances (the API key among them)
-_FORWARDED = ("authorization", "content-type", "x-request-id")
-
-
-def _forwarded(request: Request) -> dict[str, str]:
-    """The client's headers the instances are given too."""
-    return {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
 
 
 def _prefill_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +85,7 @@ def build_router_app(prefill_urls: Sequence[str], decode_urls: Sequence[str]) ->
             return APIError(400, "the body must be a JSON object").response()
         # where the KV comes from is the router's to say, never the client's
         body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
-        headers = _forwarded(request)
+        headers = forwarded_headers(request)
         params = await prefill(path, body, headers)
         if params is not None:
             body = {**body, "kv_transfer_params": params}
@@ -103,19 +96,7 @@ def build_router_app(prefill_urls: Sequence[str], decode_urls: Sequence[str]) ->
             )
         except httpx.HTTPError as e:
             return APIError(502, f"decode instance {url} unreachable: {e}").response()
-        if not answer.headers.get("content-type", "").startswith("text/event-stream"):
-            content = await answer.aread()
-            await answer.aclose()
-            return Response(content, answer.status_code, media_type="application/json")
-
-        async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in answer.aiter_raw():
-                    yield chunk
-            finally:
-                await answer.aclose()
-
-        return StreamingResponse(relay(), answer.status_code, media_type="text/event-stream")
+        return await relay(answer, f"decode instance {url}")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -127,7 +108,7 @@ def build_router_app(prefill_urls: Sequence[str], decode_urls: Sequence[str]) ->
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        headers = _forwarded(request)
+        headers = forwarded_headers(request)
         url = next(decodes) + "/v1/models"
         try:
             answer = await client.get(url, headers=headers)

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from pagedllm.entrypoints.cli_args import HelpFormatter, add_engine_args, add_model_arg
+from pagedllm.entrypoints.dp_routing import ROUTING_POLICIES
 from pagedllm.entrypoints.openai.tool_calls import TOOL_CALL_PARSERS
 
 # Big enough for a prompt filling a 128k-token context (about 0.5 MB of text) several
@@ -92,6 +93,21 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         choices=("critical", "error", "warning", "info", "debug"),
         help="log level of the server and engine",
     )
+    server.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="engine replicas, each its own process with its share of the cores, behind "
+        "this one server",
+    )
+    server.add_argument(
+        "--dp-routing",
+        choices=ROUTING_POLICIES,
+        default="least-loaded",
+        help="with --data-parallel-size: send each request to the replica with the fewest "
+        "in flight, or (prefix) to the one that was sent the longest prefix of its prompt",
+    )
     add_engine_args(parser)
     parser.set_defaults(func=run_serve, max_waiting=SERVE_MAX_WAITING)
     return parser
@@ -107,4 +123,10 @@ def run_serve(args: argparse.Namespace) -> int:
             "pagedllm serve: error: --api-key (or $PAGEDLLM_API_KEY) is empty; "
             "give a key, or leave both unset to serve without one"
         )
+    if args.data_parallel_size < 1:
+        raise SystemExit("pagedllm serve: error: --data-parallel-size must be >= 1")
+    if args.data_parallel_size > 1:
+        from pagedllm.entrypoints.data_parallel import run_data_parallel
+
+        return run_data_parallel(args)
     return run_server(args)

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedllm.attention import AttentionMetadata, KVCache
-from pagedllm.core.sched_output import SchedulerOutput
-from pagedllm.request import Request
+from pagedllm.core.sched_output import NewRequestData, SchedulerOutput
 from pagedllm.sample.grammar import GrammarMatchers
 from pagedllm.sample.logprobs import LogprobsTensors, compute_prompt_logprobs
 from pagedllm.sample.metadata import RowSamplingState, SamplingMetadata, seeded_generator
@@ -59,7 +58,9 @@ _PROMPT_LOGITS_CHUNK = 256
 
 
 class ModelRunner:
-    """Owns the model, its KV cache and the per-request random streams."""
+    """Owns the model, its KV cache and what it keeps of each request: its tokens and
+    parameters (from SchedulerOutput's new requests and deltas: the runner never reads
+    the scheduler's requests, so it can run in another process) and random streams."""
 
     def __init__(
         self,
@@ -74,6 +75,11 @@ class ModelRunner:
         self.device = device
         self.vocab_size = model.config.vocab_size
         self.sampler = Sampler()
+        # the requests scheduled at least once and not finished or preempted since
+        self.requests: dict[str, NewRequestData] = {}
+        # rank 0 samples; another tensor-parallel rank computes the same logits (its
+        # share of the LM head joins them) and returns nothing
+        self.is_driver = True
         self._generators: dict[str, torch.Generator] = {}
         # embedding requests mid-prompt: the sum of their states so far (mean) or the
         # first position's (cls)
@@ -84,7 +90,7 @@ class ModelRunner:
         self.grammars: GrammarMatchers | None = None
         self._mask_thread: ThreadPoolExecutor | None = None
 
-    def generator_for(self, request: Request) -> torch.Generator | None:
+    def generator_for(self, request: NewRequestData) -> torch.Generator | None:
         """The request's own random stream when it is seeded, made on first use."""
         seed = request.sampling_params.seed
         if seed is None:
@@ -95,31 +101,40 @@ class ModelRunner:
             self._generators[request.request_id] = generator
         return generator
 
-    def fork_generator(self, parent_id: str, child_id: str, index: int) -> None:
-        """A seeded child's stream: derived from the parent's seed and its index."""
-        parent = self._generators.get(parent_id)
-        if parent is not None:
-            seed = (parent.initial_seed() * 1_000_003 + index) % (2**63)
-            self._generators[child_id] = seeded_generator(seed, self.device)
-
     def live_request_ids(self) -> list[str]:
-        """Requests the runner keeps state for (seeded random streams, partial poolings)."""
-        return [*self._generators, *self._pooled]
+        """Requests the runner keeps state for (tokens, random streams, partial poolings)."""
+        return [*self.requests, *self._generators, *self._pooled]
 
     def release(self, request_ids: set[str] | list[str]) -> None:
         for request_id in request_ids:
+            self.requests.pop(request_id, None)
             self._generators.pop(request_id, None)
             self._pooled.pop(request_id, None)
         if self.grammars is not None:
             self.grammars.release(request_ids)
 
+    def update_states(self, output: SchedulerOutput) -> None:
+        """Bring the runner's requests up to the step: forget finished ones, drop the
+        tokens of preempted ones (a seeded stream goes on where it was; a pooling starts
+        over), take new ones whole and the others' new output tokens."""
+        self.release(output.finished_req_ids)
+        for request_id in output.preempted_req_ids:
+            self.requests.pop(request_id, None)
+            self._pooled.pop(request_id, None)
+        for new in output.new_requests:
+            self.requests[new.request_id] = new
+        for s in output.scheduled_requests:
+            if s.new_output_token_ids:
+                self.requests[s.request_id].output_token_ids.extend(s.new_output_token_ids)
+
     def _start_masks(
-        self, output: SchedulerOutput, requests: dict[str, Request]
+        self, output: SchedulerOutput
     ) -> tuple[dict[str, int], Future[torch.Tensor]] | None:
         """Begin filling the step's structured-output masks beside the forward pass: the
         row of each constrained request that samples, and the future bitmasks."""
-        if self.grammars is None:
+        if self.grammars is None or not self.is_driver:
             return None
+        requests = self.requests
         constrained = []
         for s in output.scheduled_requests:
             request = requests[s.request_id]
@@ -135,21 +150,17 @@ class ModelRunner:
         return rows, self._mask_thread.submit(self.grammars.fill, constrained)
 
     @torch.inference_mode()
-    def execute(
-        self,
-        output: SchedulerOutput,
-        requests: dict[str, Request],
-        num_samples: dict[str, int] | None = None,
-    ) -> RunnerOutput:
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
         """Run one step; returns the sampled tokens of every request that samples, and
         the prompt logprobs of the requests that asked for them.
 
-        `num_samples` asks for more than one token from a request's last row (the
+        `output.num_samples` asks for more than one token from a request's last row (the
         first tokens of an n > 1 request, drawn together from its prompt's logits).
         """
         copy_blocks(self.kv_caches, output.block_copies)
-        for request_id in output.preempted_req_ids:  # a preempted pooling starts over
-            self._pooled.pop(request_id, None)  # (a seeded stream goes on where it was)
+        self.update_states(output)
+        requests = self.requests
+        num_samples = output.num_samples
         scheduled = output.scheduled_requests
         if not scheduled:
             return RunnerOutput({}, {})
@@ -182,7 +193,7 @@ class ModelRunner:
             seq_lens, query_lens, tables, self.block_size, self.device
         )
         ids = torch.tensor(input_ids, device=self.device)
-        masks = self._start_masks(output, requests)
+        masks = self._start_masks(output)
         with self.forward_timer:
             hidden = self.model(ids, meta.positions, self.kv_caches, meta)
         starts = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
@@ -197,7 +208,7 @@ class ModelRunner:
     def _pool(
         self,
         output: SchedulerOutput,
-        requests: dict[str, Request],
+        requests: dict[str, NewRequestData],
         hidden: torch.Tensor,
         starts: list[int],
     ) -> dict[str, list[float]]:
@@ -223,7 +234,7 @@ class ModelRunner:
             else:
                 vector = self._pooled.pop(s.request_id)
                 if request.pooling == "mean":
-                    vector = vector / request.num_prompt_tokens
+                    vector = vector / len(request.prompt_token_ids)
             if request.pooling_normalize:
                 vector = torch.nn.functional.normalize(vector, dim=0)
             done[s.request_id] = vector.tolist()
@@ -232,10 +243,10 @@ class ModelRunner:
     def _sample(
         self,
         output: SchedulerOutput,
-        requests: dict[str, Request],
+        requests: dict[str, NewRequestData],
         hidden: torch.Tensor,
         starts: list[int],
-        num_samples: dict[str, int] | None,
+        num_samples: dict[str, int],
         masks: tuple[dict[str, int], Future[torch.Tensor]] | None = None,
     ) -> dict[str, SampledRow]:
         # logits only for the rows that sample: each sampling request's last token, and
@@ -254,6 +265,8 @@ class ModelRunner:
             positions.extend(range(starts[i + 1] - 1 - k, starts[i + 1]))
         with self.forward_timer:  # the LM head is model compute too
             logits = self.model.compute_logits(hidden[torch.tensor(positions)])
+        if not self.is_driver:
+            return {}
 
         rows: list[RowSamplingState] = []
         row_logits: list[int] = []
@@ -269,7 +282,7 @@ class ModelRunner:
             for j in range(s.num_draft_tokens + 1):
                 # row j predicts the token after drafts[:j]: sampled as if they were output
                 history = request.output_token_ids + drafts[:j] if j else request.output_token_ids
-                draws = 1 if drafts else (num_samples or {}).get(request.request_id, 1)
+                draws = 1 if drafts else num_samples.get(request.request_id, 1)
                 for _ in range(draws):
                     rows.append(
                         RowSamplingState(
@@ -316,7 +329,7 @@ class ModelRunner:
     def _prompt_logprobs(
         self,
         output: SchedulerOutput,
-        requests: dict[str, Request],
+        requests: dict[str, NewRequestData],
         hidden: torch.Tensor,
         starts: list[int],
     ) -> dict[str, PromptLogprobsChunk]:
@@ -329,7 +342,7 @@ class ModelRunner:
             if num is None:
                 continue
             start = s.num_computed_tokens_before
-            end = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)
+            end = min(start + s.num_new_tokens, len(request.prompt_token_ids) - 1)
             if end <= start:
                 continue
             targets = request.prompt_token_ids[start + 1 : end + 1]

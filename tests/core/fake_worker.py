@@ -56,6 +56,9 @@ class FakeWorker:
         self.rng = random.Random(seed)
         self.vocab_size = vocab_size
         self.next_tokens: dict[str, list[int]] = {}  # forced samples, per request
+        # what a worker in another process would know of each request: its prompt and
+        # output as rebuilt from the steps' new requests and deltas alone
+        self.known: dict[str, tuple[list[int], list[int]]] = {}
 
     def execute(self, output: SchedulerOutput) -> dict[str, list[int]]:
         """Run the step; return one sampled token per request that samples."""
@@ -68,6 +71,7 @@ class FakeWorker:
         gathered = [list(self.slots[src]) for src, _ in output.block_copies]
         for (_, dst), data in zip(output.block_copies, gathered, strict=True):
             self.slots[dst] = data
+        self._follow_requests(output)
         sampled: dict[str, list[int]] = {}
         windows = kv.sliding_windows
         for sched in output.scheduled_requests:
@@ -109,6 +113,22 @@ class FakeWorker:
                 accepted = drafts[: self.rng.randint(0, len(drafts))]
                 sampled[sched.request_id] = [*accepted, token]
         return sampled
+
+    def _follow_requests(self, output: SchedulerOutput) -> None:
+        """Rebuild every scheduled request from the step's own data, as a worker in
+        another process must, and check it against the scheduler's request."""
+        for request_id in [*output.finished_req_ids, *output.preempted_req_ids]:
+            self.known.pop(request_id, None)
+        for new in output.new_requests:
+            assert new.request_id not in self.known, f"{new.request_id} sent twice"
+            self.known[new.request_id] = (new.prompt_token_ids, list(new.output_token_ids))
+        for s in output.scheduled_requests:
+            assert s.request_id in self.known, f"{s.request_id} scheduled but never sent"
+            prompt, out = self.known[s.request_id]
+            out.extend(s.new_output_token_ids)
+            request = self.scheduler.get_request(s.request_id)
+            assert request is not None
+            assert prompt == request.prompt_token_ids and out == request.output_token_ids
 
     def _transfer(self, output: SchedulerOutput) -> None:
         """Save evicted blocks (their content must be the hash's), then run the loads."""

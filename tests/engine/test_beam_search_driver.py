@@ -41,18 +41,14 @@ def fake_logprobs(tokens: list[int], k: int) -> tuple[list[int], list[float]]:
 class FakeRunner:
     def __init__(self, scheduler: Scheduler) -> None:
         self.worker = FakeWorker(scheduler, VOCAB)
-        self.released: list[str] = []
 
-    def execute(self, sched, requests, num_samples=None):
+    def execute(self, sched, requests):
         out = {}
         for request_id in self.worker.execute(sched):  # checks KV, returns the samplers
             request = requests[request_id]
             ids, lps = fake_logprobs(request.all_token_ids, request.sampling_params.logprobs)
             out[request_id] = SampledRow([ids[0]], [(ids, lps, lps[0], 1)])
         return RunnerOutput(out, {})
-
-    def release(self, request_ids) -> None:
-        self.released += request_ids
 
 
 def fake_driver(num_blocks: int, block_size: int = 4, max_num_seqs: int = 64):
@@ -68,7 +64,9 @@ def fake_driver(num_blocks: int, block_size: int = 4, max_num_seqs: int = 64):
         end_of_turn_ids=[],
         decode=lambda t, skip_special_tokens=True: " ".join(map(str, t)),
     )
-    return BeamSearchDriver(scheduler, FakeRunner(scheduler), tokenizer, VOCAB)
+    driver = BeamSearchDriver(scheduler, tokenizer, VOCAB)
+    driver.runner = FakeRunner(scheduler)  # type: ignore[attr-defined]
+    return driver
 
 
 def run(

@@ -135,7 +135,7 @@ def test_preemption_keeps_a_seeded_stream_and_drops_a_partial_pooling(llm):
     runner = llm.engine.runner
     runner._generators["x"] = torch.Generator().manual_seed(5)
     runner._pooled["x"] = torch.zeros(4)
-    runner.execute(SchedulerOutput(preempted_req_ids=["x"]), {})
+    runner.execute(SchedulerOutput(preempted_req_ids=["x"]))
     assert "x" in runner._generators and "x" not in runner._pooled
     runner.release(["x"])
     assert "x" not in runner.live_request_ids()

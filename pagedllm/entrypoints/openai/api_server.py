@@ -149,6 +149,34 @@ _GIL_FRIENDLY_JSON = json.JSONDecoder(parse_constant=_reject_constant)
 _GIL_FRIENDLY_JSON.scan_once = json.scanner.py_make_scanner(_GIL_FRIENDLY_JSON)  # type: ignore[attr-defined]
 
 
+def install_guards(
+    app: FastAPI,
+    max_body_bytes: int,
+    api_key: str | None,
+    allowed_origins: Sequence[str],
+    allowed_hosts: Collection[str] | None,
+    drain: Drain | None,
+) -> None:
+    """OpenAI-shaped errors, and the checks every request passes before its route: the
+    guard (Host, body size, type, API key), CORS when origins are allowed, the drain."""
+    install_error_handlers(app)
+    app.add_middleware(
+        GuardMiddleware,
+        max_body_bytes=max_body_bytes,
+        api_key=api_key,
+        allowed_hosts=allowed_hosts,
+    )
+    if allowed_origins:  # outside the guard, so a browser's preflight needs no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    if drain is not None:  # outermost: a draining server refuses before anything else
+        app.add_middleware(DrainMiddleware, drain=drain)
+
+
 def build_app(
     llm: AsyncLLM,
     served_model_names: Sequence[str],
@@ -169,22 +197,7 @@ def build_app(
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, docs_url=None, redoc_url=None)
-    install_error_handlers(app)
-    app.add_middleware(
-        GuardMiddleware,
-        max_body_bytes=max_body_bytes,
-        api_key=api_key,
-        allowed_hosts=allowed_hosts,
-    )
-    if allowed_origins:  # outside the guard, so a browser's preflight needs no key
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(allowed_origins),
-            allow_methods=["*"],
-            allow_headers=["*"],
-        )
-    if drain is not None:  # outermost: a draining server refuses before anything else
-        app.add_middleware(DrainMiddleware, drain=drain)
+    install_guards(app, max_body_bytes, api_key, allowed_origins, allowed_hosts, drain)
     registry = CollectorRegistry()
     llm.add_stat_logger(PrometheusMetrics(registry, served_model_names[0]))
     completions = CompletionServing(llm, served_model_names)

@@ -35,6 +35,7 @@ _TYPES = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     500: "internal_server_error",
+    502: "bad_gateway_error",  # a data-parallel replica or disaggregated instance failed
     503: "service_unavailable_error",
 }
 

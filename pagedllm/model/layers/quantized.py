@@ -175,6 +175,16 @@ class QuantizedWeight:
         qs, scales = fn(self.qs).contiguous(), fn(self.scales).contiguous()
         return QuantizedWeight(self.qtype, qs, scales, mins, self.cols, self.level)
 
+    def columns(self, first_block: int, stop_block: int) -> QuantizedWeight:
+        """Columns [32 * first_block, 32 * stop_block) of every row (a row-parallel share)."""
+        fmt = self.format
+        q, s = QUANT_BYTES[fmt], SCALES_PER_BLOCK[fmt]
+        mins = None if self.mins is None else self.mins[:, first_block:stop_block].contiguous()
+        qs = self.qs[:, first_block * q : stop_block * q].contiguous()
+        scales = self.scales[:, first_block * s : stop_block * s].contiguous()
+        cols = 32 * (stop_block - first_block)
+        return QuantizedWeight(self.qtype, qs, scales, mins, cols, self.level)
+
     @staticmethod
     def cat(parts: Sequence[QuantizedWeight]) -> QuantizedWeight | None:
         """Rows of several weights stacked (fused QKV, gate/up), or None when they differ in

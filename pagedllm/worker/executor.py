@@ -1,0 +1,171 @@
+"""How the engine reaches its workers: in this process, or one process per
+tensor-parallel rank over torch.distributed.
+
+Rank 0 (the driver) always runs in the engine's process and returns the step's
+result; each other rank runs in a process of its own, receives every step's
+SchedulerOutput as a broadcast and computes its share of the same forward pass (the
+collectives inside the model keep the ranks in step). A rank that dies is noticed on
+the next step, or inside the one in flight when a collective finds its socket closed,
+and fails the engine with WorkerDiedError instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import socket
+from multiprocessing.process import BaseProcess
+
+import torch
+import torch.distributed as dist
+
+from pagedllm.config import EngineArgs
+from pagedllm.core.sched_output import SchedulerOutput
+from pagedllm.worker.model_runner import RunnerOutput
+from pagedllm.worker.worker import Worker, init_distributed, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel rank is gone: the engine cannot run another step."""
+
+
+class Executor:
+    """Runs each step on every rank and returns rank 0's result (here: one rank, in-process)."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.driver = Worker(args)
+
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        return self.driver.execute(output)
+
+    def close(self) -> None:
+        """Stop the other ranks (nothing to stop in-process)."""
+
+
+class MultiprocExecutor(Executor):
+    """Rank 0 here; ranks 1 to N - 1 in processes it spawns or, under `torchrun` (RANK and
+    WORLD_SIZE set), in the processes torchrun started, on this machine or others.
+    Every step goes to them as one broadcast over torch.distributed."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        size = args.tensor_parallel_size
+        device = resolve_device(args.device)
+        self.processes: list[BaseProcess] = []
+        if dist.is_initialized():  # torch.distributed has one default group a process
+            raise RuntimeError(
+                "another tensor-parallel engine runs in this process: close it first"
+            )
+        try:
+            if _launched_by_torchrun(size):
+                _join_torchrun(args, size)
+            else:
+                self._spawn(args, size, device)
+            self.driver = Worker(args, 0, size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, args: EngineArgs, size: int, device: torch.device) -> None:
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        context = multiprocessing.get_context("spawn")
+        for rank in range(1, size):
+            process = context.Process(
+                target=_spawned_worker,
+                args=(args, rank, size, init_method),
+                name=f"pagedllm-tp{rank}",
+                daemon=True,
+            )
+            process.start()
+            self.processes.append(process)
+        init_distributed(0, size, init_method, device)
+
+    def _died(self) -> WorkerDiedError:
+        gone = [
+            f"rank {rank} (exit code {p.exitcode})"
+            for rank, p in enumerate(self.processes, start=1)
+            if not p.is_alive()
+        ]
+        return WorkerDiedError(
+            f"tensor-parallel worker {', '.join(gone) or 'process'} died; restart the engine"
+        )
+
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        if not all(p.is_alive() for p in self.processes):
+            raise self._died()
+        try:
+            dist.broadcast_object_list([output], src=0)
+            return self.driver.execute(output)
+        except RuntimeError as e:  # gloo: a peer's socket closed, or the timeout passed
+            raise self._died() from e
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            if all(p.is_alive() for p in self.processes):
+                with contextlib.suppress(RuntimeError):
+                    dist.broadcast_object_list([None], src=0)
+            dist.destroy_process_group()
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+        self.processes = []
+
+
+def make_executor(args: EngineArgs) -> Executor:
+    """One rank in-process, or a rank per process. Under `torchrun`, a process other than
+    rank 0 becomes a worker here and exits when the engine stops: every rank runs the
+    same command, and only rank 0's serves."""
+    size = args.tensor_parallel_size
+    if size == 1:
+        return Executor(args)
+    if _launched_by_torchrun(size) and int(os.environ["RANK"]) != 0:
+        _join_torchrun(args, size)
+        run_worker(Worker(args, int(os.environ["RANK"]), size))
+        raise SystemExit(0)
+    return MultiprocExecutor(args)
+
+
+def run_worker(worker: Worker) -> None:
+    """A rank other than 0: run every step rank 0 broadcasts until it sends None."""
+    while True:
+        box: list[SchedulerOutput | None] = [None]
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError:  # rank 0 is gone
+            return
+        if box[0] is None:
+            return
+        worker.execute(box[0])
+
+
+def _spawned_worker(args: EngineArgs, rank: int, size: int, init_method: str) -> None:
+    init_distributed(rank, size, init_method, resolve_device(args.device))
+    run_worker(Worker(args, rank, size))
+    dist.destroy_process_group()
+
+
+def _launched_by_torchrun(size: int) -> bool:
+    """Whether torchrun (or the user: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) started
+    this process as one of `size` ranks."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    world = int(os.environ["WORLD_SIZE"])
+    if world != size:
+        raise ValueError(
+            f"WORLD_SIZE is {world} but tensor_parallel_size is {size}: start one process per rank"
+        )
+    return True
+
+
+def _join_torchrun(args: EngineArgs, size: int) -> None:
+    init_distributed(int(os.environ["RANK"]), size, "env://", resolve_device(args.device))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
