@@ -53,6 +53,14 @@ class NewRequestData:
     pooling: str | None = None  # an embedding request's pooling ("last", "mean", "cls")
     pooling_normalize: bool = True
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
 
 @dataclass
 class SchedulerOutput:

@@ -20,7 +20,7 @@ arrivals and forks happen between steps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.core.block_pool import BlockHash
@@ -35,6 +35,7 @@ from pagedllm.core.sched_output import (
     SchedulerStats,
 )
 from pagedllm.request import Request, RequestStatus
+from pagedllm.sampling_params import SamplingParams
 
 
 class QueueFullError(RuntimeError):
@@ -71,6 +72,7 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         # what the worker holds of each request: how many output tokens it has seen
         self._worker_output_lens: dict[str, int] = {}
+        self.num_prompt_tokens_total = 0  # prompt positions computed (prompt_tokens_total)
         self.num_preemptions_total = 0
         if kv_connector is not None and len(sliding_windows) > 1:
             raise ValueError("a KV connector needs a model with one KV-cache layer group")
@@ -247,7 +249,7 @@ class Scheduler:
             block_copies=kv.take_pending_copies(),
             preempted_req_ids=preempted,
             finished_req_ids=self.finished_req_ids,
-            new_requests=self._worker_deltas(scheduled),
+            new_requests=self._account(scheduled),
         )
         self.finished_req_ids = set()
         if self.kv_connector is not None:
@@ -255,13 +257,16 @@ class Scheduler:
             output.kv_saves = self.take_kv_saves()
         return output
 
-    def _worker_deltas(self, scheduled: list[ScheduledRequest]) -> list[NewRequestData]:
+    def _account(self, scheduled: list[ScheduledRequest]) -> list[NewRequestData]:
         """The scheduled requests the worker has not seen, whole; for the others, set
-        the output tokens gained since it last did on their ScheduledRequest."""
+        the output tokens gained since it last did on their ScheduledRequest. Counts the
+        prompt tokens the step computes."""
         new: list[NewRequestData] = []
         seen = self._worker_output_lens
         for s in scheduled:
             request = self.requests[s.request_id]
+            before, prompt = s.num_computed_tokens_before, request.num_prompt_tokens
+            self.num_prompt_tokens_total += max(0, min(before + s.num_new_tokens, prompt) - before)
             output = request.output_token_ids
             known = seen.get(s.request_id)
             if known is None:
@@ -444,16 +449,27 @@ class Scheduler:
         self,
         scheduler_output: SchedulerOutput,
         sampled_token_ids: dict[str, list[int]],
+        forks: Mapping[str, Sequence[tuple[str, int, SamplingParams]]] | None = None,
     ) -> list[Request]:
         """Record a finished step: cache full blocks, append sampled tokens, stop.
 
-        Requests still mid-prefill sample nothing. Returns the requests that
-        finished in this step; their blocks are already freed.
+        Requests still mid-prefill sample nothing. A request that stops partway through
+        its tokens (a stop inside accepted drafts) keeps those up to the stop, and its
+        list in ``sampled_token_ids`` is cut there too. ``forks``: the first draws of n > 1
+        requests, per parent (child id, its first token, its parameters): the children
+        share the parent's blocks before the parent takes its own first token. Returns
+        the requests that finished in this step, their blocks already freed (children
+        their first token ended among them, never having run).
         """
         cache_blocks = self.kv_cache_manager.cache_blocks
         requests = self.requests
         running = RequestStatus.RUNNING
         max_len = self.max_model_len
+        ended_at_fork = [
+            child
+            for parent_id, children in (forks or {}).items()
+            for child in self._fork_first_draws(parent_id, children)
+        ]
         finished: list[Request] = []
         for sched in scheduler_output.scheduled_requests:
             request_id = sched.request_id
@@ -478,10 +494,12 @@ class Scheduler:
                     request.status = RequestStatus.FINISHED_STOPPED
                     finished.append(request)
                     continue
-            for token_id in sampled:
+            for i, token_id in enumerate(sampled):
                 request.append_output_token_ids(token_id)
                 if request.check_stop(max_len):
                     finished.append(request)
+                    if isinstance(sampled, list):
+                        del sampled[i + 1 :]
                     break
             if sched.num_draft_tokens:
                 cache_blocks(request, min(request.num_computed_tokens, request.num_tokens))
@@ -489,7 +507,23 @@ class Scheduler:
             for request in finished:
                 self._release(request)
             self.running = [r for r in self.running if not r.is_finished]
-        return finished
+        return finished + ended_at_fork
+
+    def _fork_first_draws(
+        self, parent_id: str, children: Sequence[tuple[str, int, SamplingParams]]
+    ) -> list[Request]:
+        """Fork an n > 1 request's children from their first draws; returns those their
+        first token already ends (EOS, max_tokens 1): never forked, as a child with
+        nothing left to generate cannot be."""
+        parent = self.requests[parent_id]
+        ended, live = [], []
+        for child_id, token, params in children:
+            child = parent.fork(child_id, sampling_params=params, output_token_ids=[token])
+            child.resolve_max_tokens(self.default_max_len)
+            (ended if child.check_stop(self.max_model_len) else live).append(child)
+        if live:
+            self.fork_request(parent_id, live)
+        return ended
 
     def finish_requests(
         self, request_ids: str | Iterable[str], status: RequestStatus

@@ -354,12 +354,7 @@ class AsyncLLM:
             logger.exception("engine thread died")
             self._dead = e
         finally:
-            dead = self._dead
-            self._fail_all(
-                EngineDeadError(f"the engine has stopped: {dead}")
-                if dead is not None
-                else EngineDeadError("the engine has shut down")
-            )
+            self._fail_all(self._dead or EngineDeadError("the engine has shut down"))
             self._fail_pending_commands()
             engine.close()
 

@@ -75,8 +75,11 @@ class _Plan:
 
     search: _Search
     extend: dict[str, int] = field(default_factory=dict)  # request id → its own next token
-    forks: list[tuple[str, str, list[int]]] = field(default_factory=list)  # parent, child, out
+    # a later survivor of a parent: (parent, its slot in beam_ids, its token)
+    forks: list[tuple[str, int, int]] = field(default_factory=list)
     abort: list[str] = field(default_factory=list)
+    beam_ids: list[str] = field(default_factory=list)  # the next beams; forks' named in apply
+    first_token: bool = False
 
 
 class BeamSearchDriver:
@@ -175,14 +178,24 @@ class BeamSearchDriver:
         outputs: list[RequestOutput] = []
         for plan in self._plans:
             requests = self.scheduler.requests
+            search = plan.search
+            if plan.first_token:
+                first = requests.get(search.request_ids[0])
+                search.num_cached_tokens = first.num_cached_tokens if first is not None else 0
             for request_id, token in plan.extend.items():
                 if request_id not in self._extended_now:
                     # It sampled in an earlier step, waiting for its siblings.
                     requests[request_id].append_output_token_ids(token)
             self._abort_beams(plan.abort)
-            for parent_id, child_id, output_ids in plan.forks:
-                self._fork(parent_id, child_id, output_ids)
-                self._owner[child_id] = plan.search
+            for parent_id, slot, token in plan.forks:
+                # the parent took its own token above (or in the update): the child's
+                # differs in that last one
+                child_id = search.new_beam_id(requests)
+                output = [*requests[parent_id].output_token_ids[:-1], token]
+                self._fork(parent_id, child_id, output)
+                self._owner[child_id] = search
+                plan.beam_ids[slot] = child_id
+            search.request_ids = plan.beam_ids
             if plan.search.state.done:
                 outputs.append(self._output(self._searches.pop(plan.search.user_id)))
         self._plans = []
@@ -243,32 +256,26 @@ class BeamSearchDriver:
         if not search.ready:
             return None
         parents = search.request_ids
-        requests = self.scheduler.requests
+        plan = _Plan(search)
         if search.metrics.first_token_time is None:
             search.metrics.first_token_time = time.monotonic()
-            search.num_cached_tokens = requests[parents[0]].num_cached_tokens
+            plan.first_token = True
         survivors = search.state.step([search.pending[rid] for rid in parents])
         search.pending.clear()
-        plan = _Plan(search)
         if search.state.done:  # the last token: every beam ends, none goes on
             plan.abort = list(parents)
-            search.request_ids = []
             return plan
-        new_ids: list[str] = []
         taken: set[int] = set()
         for survivor in survivors:
             parent_id = parents[survivor.parent]
             if survivor.parent not in taken:
                 taken.add(survivor.parent)
                 plan.extend[parent_id] = survivor.token_id
-                new_ids.append(parent_id)
-            else:
-                child_id = search.new_beam_id(requests)
-                output = [*requests[parent_id].output_token_ids, survivor.token_id]
-                plan.forks.append((parent_id, child_id, output))
-                new_ids.append(child_id)
+                plan.beam_ids.append(parent_id)
+            else:  # named in apply: choosing reads nothing of the scheduler's
+                plan.forks.append((parent_id, len(plan.beam_ids), survivor.token_id))
+                plan.beam_ids.append("")
         plan.abort = [rid for i, rid in enumerate(parents) if i not in taken]
-        search.request_ids = new_ids
         return plan
 
     def _abort_beams(self, request_ids: list[str]) -> None:

@@ -25,7 +25,6 @@ from pagedllm.kv_transfer.blocks import fingerprint
 from pagedllm.kv_transfer.connector import ThreadedConnector
 from pagedllm.kv_transfer.offload import OffloadConnector
 from pagedllm.kv_transfer.remote import KVConsumer, KVProducer
-from pagedllm.model.config import ModelArchConfig
 from pagedllm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.request import Request, RequestStatus
@@ -40,9 +39,13 @@ from pagedllm.spec_decode import (
 from pagedllm.spec_decode.stats import ACCEPTED_PER_POSITION
 from pagedllm.tokenizer import load_tokenizer
 from pagedllm.worker.executor import make_executor
-from pagedllm.worker.kv_cache import kv_cache_groups
 from pagedllm.worker.model_runner import SampledRow
-from pagedllm.worker.worker import resolve_device, resolve_dtype, usable_cores
+from pagedllm.worker.worker import (
+    layer_group_windows,
+    resolve_device,
+    resolve_dtype,
+    usable_cores,
+)
 
 __all__ = ["LLMEngine", "PromptType", "resolve_device", "resolve_dtype", "usable_cores"]
 
@@ -65,6 +68,13 @@ class LLMEngine:
         self.args = args
         # the model, its KV cache and the runner live in the workers (rank 0 here)
         self.executor = make_executor(args)
+        try:
+            self._build(args)
+        except BaseException:
+            self.executor.close()  # the other ranks too
+            raise
+
+    def _build(self, args: EngineArgs) -> None:
         worker = self.executor.driver
         self.device, self.dtype = worker.device, worker.dtype
         self.model_path = path = worker.model_path
@@ -76,9 +86,8 @@ class LLMEngine:
         draft_model, draft_caches = worker.draft_model, worker.draft_caches
         windows = worker.windows
         if draft_model is not None and (
-            windows != [None] or _windows(draft_model.config) != [None]
+            windows != [None] or layer_group_windows(draft_model.config) != [None]
         ):
-            self.executor.close()
             raise ValueError(
                 "draft-model speculation reaches the draft's KV through the target's one "
                 "block table, so neither model may have sliding-window layers (their blocks "
@@ -117,10 +126,10 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.beams = BeamSearchDriver(self.scheduler, tokenizer, config.vocab_size)
         self._ids = itertools.count()
-        self._pending_fork: dict[str, int] = {}  # n > 1 requests not yet forked
+        # n > 1 requests not yet forked: their parameters
+        self._pending_fork: dict[str, SamplingParams] = {}
         self._embeddings: dict[str, list[int]] = {}  # live embedding requests: their prompts
         self.pooling = args.pooling if args.pooling != "auto" else config.pooling_type or "last"
-        self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.step_stats = StepStats()
         self.proposer: Proposer | None = None
@@ -131,6 +140,7 @@ class LLMEngine:
             )
         elif args.speculative is not None:
             self.proposer = NgramProposer(args.speculative)
+        self.runner.proposer = self.proposer  # a draft model drafts inside the step
         self.spec_stats = SpecDecodeStats()
         # PAGEDLLM_DEBUG_INVARIANTS=1: re-check the bookkeeping after every step and abort.
         self.debug_invariants = debug_invariants_enabled()
@@ -247,7 +257,7 @@ class LLMEngine:
         self.scheduler.add_request(request)  # raises for requests that can never fit
         self.output_processor.add_request(request, text, request.arrival_time)
         if params.n > 1:
-            self._pending_fork[request_id] = params.n
+            self._pending_fork[request_id] = params
 
     def _add_embedding(
         self,
@@ -356,42 +366,42 @@ class LLMEngine:
         if connector is not None:
             connector.start(sched.kv_saves, sched.kv_loads)
         if sched.is_empty and self.beams.unstick():
-            return []  # beams waiting for their siblings gave up their blocks
+            # beams waiting for their siblings gave up their blocks; the workers still
+            # hear of the step's finished and preempted requests
+            self.executor.execute(sched)
+            return []
         self.step_stats.observe_schedule(scheduler)
         scheduled_at = time.perf_counter()
-        requests = scheduler.requests
-        if self.proposer is not None:
-            self.proposer.draft(sched, requests)
-        num_samples = sched.num_samples = {
-            s.request_id: self._pending_fork[s.request_id]
+        # Everything the step needs is in `sched` now: between here and the update the
+        # engine reads nothing of the scheduler's (a worker may be another process).
+        sched.num_samples = {
+            s.request_id: self._pending_fork[s.request_id].n
             for s in sched.scheduled_requests
             if s.samples and s.request_id in self._pending_fork
         }
         result = self.executor.execute(sched)
         executed_at = time.perf_counter()
         sampled = result.sampled
-        self.count_tokens(sched, sampled)
-        ended_at_fork: dict[str, Request] = {}
-        for parent_id in num_samples:
-            ended_at_fork |= self._fork(parent_id, sampled)
-        verified = {rid: requests[rid] for rid, row in sampled.items() if len(row.token_ids) > 1}
-        emitted_before = {rid: r.num_output_tokens for rid, r in verified.items()}
+        self.generation_tokens_total += sum(len(r.token_ids) for r in sampled.values())
+        forks = {
+            parent_id: self._split_first_draws(parent_id, sampled)
+            for parent_id in sched.num_samples
+        }
         beam_tokens = self.beams.take(sampled)
+        # a stop (or max_tokens) inside accepted drafts cuts a row's tokens there
         finished = scheduler.update_from_output(
-            sched, {rid: row.token_ids for rid, row in sampled.items()} | beam_tokens
+            sched, {rid: row.token_ids for rid, row in sampled.items()} | beam_tokens, forks
         )
+        for row in sampled.values():
+            row.keep(len(row.token_ids))
         if connector is not None:  # the step's new blocks are saved now, not next step
             connector.start(scheduler.take_kv_saves(), [])
             scheduler.finish_kv_loads(connector.poll(wait_for_one=sched.is_empty))
         beam_outputs = self.beams.apply()
-        for rid, request in verified.items():
-            # a stop (or max_tokens) inside the accepted drafts ends the output there
-            sampled[rid].keep(request.num_output_tokens - emitted_before[rid])
         finished_by_id = {r.request_id: r for r in finished}
-        finished_by_id.update(ended_at_fork)
         processed = self.output_processor.process(
             sampled,
-            requests,
+            scheduler.requests,
             finished_by_id,
             [s.request_id for s in sched.scheduled_requests],
             result.prompt_logprobs,
@@ -443,50 +453,25 @@ class LLMEngine:
             stale = [rid for rid in self.proposer.live_request_ids() if rid not in live]
             require(not stale, f"the proposer keeps state for finished requests {stale}")
 
-    def count_tokens(self, sched: SchedulerOutput, sampled: dict[str, SampledRow]) -> None:
-        """Add a step's prompt positions computed and tokens sampled to the counters."""
-        requests = self.scheduler.requests
-        for s in sched.scheduled_requests:
-            prompt_len = requests[s.request_id].num_prompt_tokens
-            before = s.num_computed_tokens_before
-            self.prompt_tokens_total += max(0, min(before + s.num_new_tokens, prompt_len) - before)
-        self.generation_tokens_total += sum(len(r.token_ids) for r in sampled.values())
-
-    def _fork(self, parent_id: str, sampled: dict[str, SampledRow]) -> dict[str, Request]:
-        """Split an n > 1 request's first draws: the parent keeps one, children the rest.
-
-        Returns the children that their first token already finished."""
-        n = self._pending_fork.pop(parent_id)
+    def _split_first_draws(
+        self, parent_id: str, sampled: dict[str, SampledRow]
+    ) -> list[tuple[str, int, SamplingParams]]:
+        """An n > 1 request's first draws, one per sequence: the parent keeps the first,
+        each child (forked by the scheduler's update) one of the rest."""
+        params = self._pending_fork.pop(parent_id)
         row = sampled[parent_id]
-        parent = self.scheduler.requests[parent_id]
-        children = [
-            parent.fork(
-                f"{parent_id}#{i}",
-                sampling_params=_child_params(parent.sampling_params, i),
-                output_token_ids=[row.token_ids[i]],
-            )
-            for i in range(1, n)
-        ]
-        # A child its first token already ends (EOS, or max_tokens=1) is never forked:
-        # the scheduler refuses a child with nothing left to generate, and failing
-        # that fork used to fail the whole step.
-        ended: dict[str, Request] = {}
-        for child in children:
-            child.resolve_max_tokens(self.scheduler.default_max_len)
-            if child.check_stop(self.max_model_len):
-                ended[child.request_id] = child
-        live = [c for c in children if c.request_id not in ended]
-        if live:
-            self.scheduler.fork_request(parent_id, live)
-        for i, child in enumerate(children, start=1):
-            self.output_processor.add_sequence(parent_id, child.request_id, i)
-            sampled[child.request_id] = SampledRow(
+        children = []
+        for i in range(1, params.n):
+            child_id = f"{parent_id}#{i}"
+            children.append((child_id, row.token_ids[i], _child_params(params, i)))
+            self.output_processor.add_sequence(parent_id, child_id, i)
+            sampled[child_id] = SampledRow(
                 [row.token_ids[i]], None if row.logprobs is None else [row.logprobs[i]]
             )
         sampled[parent_id] = SampledRow(
             row.token_ids[:1], None if row.logprobs is None else row.logprobs[:1]
         )
-        return ended
+        return children
 
     # ----------------------------------------------------------------- metrics
 
@@ -500,7 +485,7 @@ class LLMEngine:
             "prefix_cache_queries": stats.prefix_cache_queries,
             "prefix_cache_hits": stats.prefix_cache_hits,
             "num_preemptions_total": stats.num_preemptions_total,
-            "prompt_tokens_total": self.prompt_tokens_total,
+            "prompt_tokens_total": self.scheduler.num_prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "num_kv_blocks": self.num_blocks,
             "num_free_kv_blocks": self.scheduler.kv_cache_manager.get_num_free_blocks(),
@@ -513,11 +498,6 @@ class LLMEngine:
                 for i, count in enumerate(self.spec_stats.accepted_per_position)
             },
         }
-
-
-def _windows(config: ModelArchConfig) -> list[int | None]:
-    """Each KV-cache layer group's sliding window (None: full attention)."""
-    return [group.sliding_window for group in kv_cache_groups(config)]
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -42,6 +42,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# vLLM's short forms
+_SHORT = {"tensor_parallel_size": ("-tp",)}
+
+
 def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per EngineArgs field (except `model` and `skip`) to `parser`."""
     group = parser.add_argument_group("engine")
@@ -63,7 +67,7 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
         kwargs: dict[str, Any] = {"type": tp, "default": field.default, "help": help_text}
         if field.name in _CHOICES:
             kwargs["choices"] = _CHOICES[field.name]
-        group.add_argument(flag, **kwargs)
+        group.add_argument(flag, *_SHORT.get(field.name, ()), **kwargs)
 
 
 def engine_args_from(namespace: argparse.Namespace, **overrides: Any) -> EngineArgs:

@@ -53,6 +53,7 @@ PROMPT_PATHS = frozenset(
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 _INLINE_JSON_BYTES = 65_536  # larger bodies are decoded off the event loop
 _HEALTH_TIMEOUT_S = 5.0
+_WATCH_INTERVAL_S = 2.0  # how often the front asks the replicas whether their engines run
 
 
 def _escape(value: str) -> str:
@@ -133,9 +134,31 @@ def build_dp_app(
     chooser = ReplicaChooser(len(replicas), policy)
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
 
+    async def watch() -> None:
+        """Take a replica whose engine has stopped (its /health says 503: a dead
+        tensor-parallel rank, corrupt bookkeeping) out of rotation: its server still
+        answers, at once and with errors, so least-loaded routing would favour it."""
+        while True:
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+            for replica, load in zip(replicas, chooser.replicas, strict=True):
+                if not load.alive:
+                    continue
+                try:
+                    answer = await client.get(replica.url + "/health", timeout=_HEALTH_TIMEOUT_S)
+                except httpx.HTTPError:
+                    continue  # busy, or gone: refresh() sees an exit
+                if answer.status_code == 503 and load.alive:
+                    load.alive = False
+                    logger.error(
+                        "replica %d reports its engine stopped: new requests go elsewhere",
+                        replica.index,
+                    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(watch())
         yield
+        watcher.cancel()
         await client.aclose()
 
     app = FastAPI(title="pagedllm", docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -226,7 +249,7 @@ def build_dp_app(
                 data = json.loads(body)
             else:
                 data = await asyncio.to_thread(json.loads, body)
-        except ValueError:  # the replica says what is wrong with it
+        except (ValueError, RecursionError):  # the replica says what is wrong with it
             return [], None
         only = None
         previous = data.get("previous_response_id") if isinstance(data, dict) else None

@@ -17,6 +17,7 @@ split its query heads.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,18 @@ def shard_tensors(
     return out
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed: another rank died, or hung past the group's timeout. The
+    ranks are out of step for good."""
+
+
+def _collective(op: str, run: Callable[[], object]) -> None:
+    try:
+        run()
+    except RuntimeError as e:
+        raise CollectiveError(f"{op} across tensor-parallel ranks failed: {e}") from e
+
+
 @dataclass(frozen=True)
 class TensorParallel:
     """This rank's place in the tensor-parallel group (torch.distributed's default group)."""
@@ -156,7 +169,7 @@ class TensorParallel:
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of `partial` (in place)."""
-        dist.all_reduce(partial)
+        _collective("all_reduce", lambda: dist.all_reduce(partial))
         return partial
 
     def embed(self, embedding: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -174,7 +187,8 @@ class TensorParallel:
         if local.shape[-1] < chunk:  # the last rank's share is short: pad to gather
             local = torch.nn.functional.pad(local, (0, chunk - local.shape[-1]))
         parts = [torch.empty_like(local) for _ in range(self.size)]
-        dist.all_gather(parts, local.contiguous())
+        local = local.contiguous()
+        _collective("all_gather", lambda: dist.all_gather(parts, local))
         return torch.cat(parts, dim=-1)[..., :vocab_size]
 
 

@@ -23,7 +23,7 @@ import torch
 
 from pagedllm.attention import AttentionMetadata, KVCache
 from pagedllm.config import SpeculativeConfig
-from pagedllm.core.sched_output import ScheduledRequest, SchedulerOutput
+from pagedllm.core.sched_output import NewRequestData, ScheduledRequest, SchedulerOutput
 from pagedllm.model.loader import load_model
 from pagedllm.request import Request
 from pagedllm.spec_decode.backoff import Backoff
@@ -93,7 +93,7 @@ class DraftModelProposer:
                 request.spec_token_ids = [PENDING_DRAFT] * self.k
 
     @torch.inference_mode()
-    def draft(self, sched: SchedulerOutput, requests: Mapping[str, Request]) -> None:
+    def draft(self, sched: SchedulerOutput, requests: Mapping[str, NewRequestData]) -> None:
         """Run the draft model for every request the scheduler gave draft slots."""
         copy_blocks(self.kv_caches, sched.block_copies)
         for request_id in sched.preempted_req_ids:  # their blocks are gone
@@ -124,7 +124,7 @@ class DraftModelProposer:
         assert all(t != PENDING_DRAFT for s in jobs for t in s.token_ids)
 
     def _catch_up(
-        self, batch: _Batch, s: ScheduledRequest, request: Request, table: list[int]
+        self, batch: _Batch, s: ScheduledRequest, request: NewRequestData, table: list[int]
     ) -> None:
         """Rows that compute the draft's KV from where it stopped to the request's last
         token, as the target computed them: the prompt as one prefill chunk, every later

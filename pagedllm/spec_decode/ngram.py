@@ -10,7 +10,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from pagedllm.config import SpeculativeConfig
-from pagedllm.core.sched_output import SchedulerOutput
+from pagedllm.core.sched_output import NewRequestData, SchedulerOutput
 from pagedllm.request import Request
 from pagedllm.spec_decode.backoff import Backoff
 from pagedllm.spec_decode.proposer import decodes_next
@@ -49,7 +49,7 @@ class NgramProposer:
                 return history[first : first + self.k].tolist()
         return []
 
-    def draft(self, sched: SchedulerOutput, requests: Mapping[str, Request]) -> None:
+    def draft(self, sched: SchedulerOutput, requests: Mapping[str, NewRequestData]) -> None:
         """Nothing to fill: n-gram drafts are tokens before scheduling."""
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from pagedllm.core.sched_output import SchedulerOutput
+from pagedllm.core.sched_output import NewRequestData, SchedulerOutput
 from pagedllm.request import Request
 
 # A draft slot whose token the proposer fills after scheduling (a draft model runs
@@ -32,7 +32,7 @@ class Proposer(Protocol):
         """Between steps: set `spec_token_ids` on decoding requests, as tokens or as
         PENDING_DRAFT slots that `draft` fills."""
 
-    def draft(self, sched: SchedulerOutput, requests: Mapping[str, Request]) -> None:
+    def draft(self, sched: SchedulerOutput, requests: Mapping[str, NewRequestData]) -> None:
         """After scheduling, before the target's forward: replace every PENDING_DRAFT
         in the scheduled requests' token ids."""
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from pagedllm.config import EngineArgs
 from pagedllm.core.sched_output import SchedulerOutput
+from pagedllm.model.parallel import CollectiveError
 from pagedllm.worker.model_runner import RunnerOutput
 from pagedllm.worker.worker import Worker, init_distributed, resolve_device
 
@@ -55,21 +56,24 @@ class MultiprocExecutor(Executor):
         size = args.tensor_parallel_size
         device = resolve_device(args.device)
         self.processes: list[BaseProcess] = []
+        self.steps: dist.ProcessGroup | None = None
+        self._running = False  # the ranks are in their step loops: close() tells them
         if dist.is_initialized():  # torch.distributed has one default group a process
             raise RuntimeError(
                 "another tensor-parallel engine runs in this process: close it first"
             )
         try:
             if _launched_by_torchrun(size):
-                _join_torchrun(args, size)
+                self.steps = _join_torchrun(args, size)
             else:
-                self._spawn(args, size, device)
+                self.steps = self._spawn(args, size, device)
             self.driver = Worker(args, 0, size)
+            self._running = True
         except BaseException:
             self.close()
             raise
 
-    def _spawn(self, args: EngineArgs, size: int, device: torch.device) -> None:
+    def _spawn(self, args: EngineArgs, size: int, device: torch.device) -> dist.ProcessGroup:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         context = multiprocessing.get_context("spawn")
         for rank in range(1, size):
@@ -81,7 +85,7 @@ class MultiprocExecutor(Executor):
             )
             process.start()
             self.processes.append(process)
-        init_distributed(0, size, init_method, device)
+        return init_distributed(0, size, init_method, device, local_rank=0)
 
     def _died(self) -> WorkerDiedError:
         gone = [
@@ -97,17 +101,25 @@ class MultiprocExecutor(Executor):
         if not all(p.is_alive() for p in self.processes):
             raise self._died()
         try:
-            dist.broadcast_object_list([output], src=0)
-            return self.driver.execute(output)
-        except RuntimeError as e:  # gloo: a peer's socket closed, or the timeout passed
+            dist.broadcast_object_list([output], src=0, group=self.steps)
+        except RuntimeError as e:
             raise self._died() from e
+        try:
+            return self.driver.execute(output)
+        except CollectiveError as e:  # the ranks are out of step for good
+            raise self._died() from e
+        except Exception as e:  # rank 0's own error fails only the step
+            if not all(p.is_alive() for p in self.processes):
+                raise self._died() from e
+            raise
 
     def close(self) -> None:
         if dist.is_initialized():
-            if all(p.is_alive() for p in self.processes):
+            if self._running and all(p.is_alive() for p in self.processes):
                 with contextlib.suppress(RuntimeError):
-                    dist.broadcast_object_list([None], src=0)
+                    dist.broadcast_object_list([None], src=0, group=self.steps)
             dist.destroy_process_group()
+        self._running = False
         for process in self.processes:
             process.join(timeout=5)
             if process.is_alive():
@@ -123,18 +135,18 @@ def make_executor(args: EngineArgs) -> Executor:
     if size == 1:
         return Executor(args)
     if _launched_by_torchrun(size) and int(os.environ["RANK"]) != 0:
-        _join_torchrun(args, size)
-        run_worker(Worker(args, int(os.environ["RANK"]), size))
+        steps = _join_torchrun(args, size)
+        run_worker(Worker(args, int(os.environ["RANK"]), size), steps)
         raise SystemExit(0)
     return MultiprocExecutor(args)
 
 
-def run_worker(worker: Worker) -> None:
+def run_worker(worker: Worker, steps: dist.ProcessGroup) -> None:
     """A rank other than 0: run every step rank 0 broadcasts until it sends None."""
     while True:
         box: list[SchedulerOutput | None] = [None]
         try:
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=steps)
         except RuntimeError:  # rank 0 is gone
             return
         if box[0] is None:
@@ -143,8 +155,8 @@ def run_worker(worker: Worker) -> None:
 
 
 def _spawned_worker(args: EngineArgs, rank: int, size: int, init_method: str) -> None:
-    init_distributed(rank, size, init_method, resolve_device(args.device))
-    run_worker(Worker(args, rank, size))
+    steps = init_distributed(rank, size, init_method, resolve_device(args.device), rank)
+    run_worker(Worker(args, rank, size), steps)
     dist.destroy_process_group()
 
 
@@ -161,8 +173,10 @@ def _launched_by_torchrun(size: int) -> bool:
     return True
 
 
-def _join_torchrun(args: EngineArgs, size: int) -> None:
-    init_distributed(int(os.environ["RANK"]), size, "env://", resolve_device(args.device))
+def _join_torchrun(args: EngineArgs, size: int) -> dist.ProcessGroup:
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return init_distributed(rank, size, "env://", resolve_device(args.device), local_rank)
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ from pagedllm.sample.grammar import GrammarMatchers
 from pagedllm.sample.logprobs import LogprobsTensors, compute_prompt_logprobs
 from pagedllm.sample.metadata import RowSamplingState, SamplingMetadata, seeded_generator
 from pagedllm.sample.sampler import Sampler
+from pagedllm.spec_decode.proposer import Proposer
 from pagedllm.worker.forward_timer import ForwardTimer
 from pagedllm.worker.kv_cache import copy_blocks
 
@@ -88,6 +89,8 @@ class ModelRunner:
         # structured output: each constrained request's grammar matcher (set by the engine,
         # which owns the tokenizer); masks are filled on a thread during the forward pass
         self.grammars: GrammarMatchers | None = None
+        # speculative decoding: fills the drafts a draft model proposes, before the forward
+        self.proposer: Proposer | None = None
         self._mask_thread: ThreadPoolExecutor | None = None
 
     def generator_for(self, request: NewRequestData) -> torch.Generator | None:
@@ -160,6 +163,8 @@ class ModelRunner:
         copy_blocks(self.kv_caches, output.block_copies)
         self.update_states(output)
         requests = self.requests
+        if self.proposer is not None:
+            self.proposer.draft(output, requests)
         num_samples = output.num_samples
         scheduled = output.scheduled_requests
         if not scheduled:

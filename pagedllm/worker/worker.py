@@ -28,9 +28,10 @@ from pagedllm.worker.model_runner import ModelRunner, RunnerOutput
 
 logger = logging.getLogger(__name__)
 
-# How long a rank waits in a collective for the others: past it a hung rank fails the
-# step (a dead one fails it at once: its sockets close).
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+# How long a rank waits in a collective of a step for the others: past it a hung rank
+# fails the engine (a dead one fails it at once: its sockets close).
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("PAGEDLLM_TP_TIMEOUT_S", "120"))
+STEP_WAIT_TIMEOUT = datetime.timedelta(days=365)  # an idle engine sends no step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,18 +62,28 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def init_distributed(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
-    """Join the tensor-parallel group: gloo on the CPU, NCCL on CUDA."""
+def init_distributed(
+    rank: int, world_size: int, init_method: str, device: torch.device, local_rank: int
+) -> dist.ProcessGroup:
+    """Join the tensor-parallel group (gloo on the CPU, NCCL on CUDA) and return the group
+    that carries the steps: gloo, without a timeout that matters, as a rank may wait for
+    the next step as long as the engine stays idle."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"rank {rank} would need GPU {local_rank} of this machine's "
+                f"{torch.cuda.device_count()}: one GPU per rank"
+            )
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(
         backend,
         init_method=init_method,
         rank=rank,
         world_size=world_size,
-        timeout=COLLECTIVE_TIMEOUT,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
+    return dist.new_group(backend="gloo", timeout=STEP_WAIT_TIMEOUT)
 
 
 class Worker:
@@ -137,7 +148,7 @@ class Worker:
             if self.draft_model is not None
             else []
         )
-        self.windows = [group.sliding_window for group in kv_cache_groups(config)]
+        self.windows = layer_group_windows(config)
         self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, device)
         self.runner.is_driver = rank == 0
         self.runner.sampler.generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -157,6 +168,11 @@ class Worker:
                     seen.add(id(part))
                     total += part.nbytes
         return total
+
+
+def layer_group_windows(config: ModelArchConfig) -> list[int | None]:
+    """Each KV-cache layer group's sliding window (None: full attention)."""
+    return [group.sliding_window for group in kv_cache_groups(config)]
 
 
 def _built_config(model: torch.nn.Module) -> ModelArchConfig:

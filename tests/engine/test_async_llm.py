@@ -35,6 +35,9 @@ class ScriptedEngine:
     def tokenize_prompt(self, prompt):
         return None, list(prompt)
 
+    def close(self) -> None:
+        self.closed = True
+
     def add_request(self, request_id, prompt, params: SamplingParams) -> None:
         if prompt == "bad":
             raise ValueError("prompt is bad")

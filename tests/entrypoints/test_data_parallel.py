@@ -160,6 +160,44 @@ def test_a_replica_dies_with_the_front():
     assert wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=5)
 
 
+def _fake_replica(index: int, engine_running: bool):
+    """A replica server whose engine runs or has stopped (as a dead TP rank leaves it)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return JSONResponse({}, status_code=200 if engine_running else 503)
+
+    @app.post("/v1/completions")
+    async def completions():
+        if not engine_running:
+            return JSONResponse({"error": {"message": "the engine has stopped"}}, 503)
+        return {"replica": index}
+
+    return app
+
+
+def test_a_replica_whose_engine_stopped_leaves_the_rotation(monkeypatch):
+    """Its server still answers, at once and with 503: least-loaded routing would send it
+    everything unless the front stops routing to it."""
+    from pagedllm.entrypoints import data_parallel
+
+    monkeypatch.setattr(data_parallel, "_WATCH_INTERVAL_S", 0.05)
+    with (
+        ServerThread(_fake_replica(0, engine_running=False)) as dead,
+        ServerThread(_fake_replica(1, engine_running=True)) as alive,
+    ):
+        app = build_dp_app([Replica(0, dead.url), Replica(1, alive.url)])
+        with ServerThread(app) as running:
+            assert wait_for(lambda: not app.state.chooser.replicas[0].alive, timeout=10)
+            answers = [complete(running.url, "Hi").json() for _ in range(4)]
+            assert answers == [{"replica": 1}] * 4
+            assert _health(running.url) == 503  # and the front says so
+
+
 # ---- two real replicas ------------------------------------------------------------------
 
 

@@ -143,10 +143,10 @@ def test_the_window_matters_at_that_length(gemma_path, long_case, monkeypatch):
             cache.sliding_window = None
         return caches
 
-    monkeypatch.setattr("pagedllm.engine.llm_engine.allocate_kv_cache", without_windows)
+    monkeypatch.setattr("pagedllm.worker.worker.allocate_kv_cache", without_windows)
     # and no group drops the blocks its window has left
     monkeypatch.setattr(
-        "pagedllm.engine.llm_engine._windows",
+        "pagedllm.worker.worker.layer_group_windows",
         lambda config: [None] * len(worker_kv_cache.kv_cache_groups(config)),
     )
     ids, expected_tokens, expected = long_case

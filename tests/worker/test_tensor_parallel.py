@@ -14,6 +14,7 @@ from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.loader import load_tensors
 from pagedllm.model.parallel import BLOCK, shard_for, shard_tensors
+from pagedllm.worker import worker as worker_module
 from pagedllm.worker.executor import WorkerDiedError
 
 PROMPTS = [
@@ -78,24 +79,33 @@ def test_a_rank_keeps_exactly_its_slices_of_the_quantized_blocks(default_model_p
 
 
 @pytest.mark.slow
-def test_a_dead_rank_stops_the_engine_instead_of_hanging_it():
-    """A rank killed mid-service: the next step fails every request in flight with a
-    clear error and the engine reports itself stopped (the server's /health: 503)."""
+def test_an_idle_engine_keeps_its_ranks_and_a_dead_rank_stops_it(monkeypatch):
+    """Ranks wait for the next step however long the engine idles (past the collectives'
+    timeout); a rank killed mid-service fails the next step's requests with a clear error
+    and the engine reports itself stopped (the server's /health: 503) instead of hanging."""
+    monkeypatch.setenv("PAGEDLLM_TP_TIMEOUT_S", "2")  # the spawned rank reads it too
+    monkeypatch.setattr(worker_module, "COLLECTIVE_TIMEOUT_S", 2.0)
     engine = AsyncLLM.from_engine_args(
         EngineArgs(exact_matmul=True, threads=1, kv_cache_memory=0.05, tensor_parallel_size=2)
     )
+    params = SamplingParams(max_tokens=8, temperature=0)
+
+    async def ask(request_id: str) -> str:
+        text = ""
+        async for delta in engine.generate(request_id, "Hello", params):
+            text += delta.outputs[0].text
+        return text
+
     try:
-        engine.engine.executor.processes[0].kill()
-        engine.engine.executor.processes[0].join(5)
-
-        async def ask() -> None:
-            params = SamplingParams(max_tokens=8, temperature=0)
-            async for _ in engine.generate("r", "Hello", params):
-                pass
-
+        first = asyncio.run(ask("a"))
+        time.sleep(3)  # idle past the timeout
+        assert asyncio.run(ask("b")) == first
+        rank = engine.engine.executor.processes[0]
+        rank.kill()
+        rank.join(5)
         started = time.monotonic()
         with pytest.raises(Exception, match="rank 1 \\(exit code -9\\) died"):
-            asyncio.run(ask())
+            asyncio.run(ask("c"))
         assert time.monotonic() - started < 30
         assert not engine.is_running
         assert isinstance(engine.dead_error, WorkerDiedError)

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedllm.core.scheduler import QueueFullError
 from pagedllm.engine.async_llm import EngineDeadError, RequestFailedError
+from pagedllm.worker.executor import WorkerDiedError
 
 _TYPES = {
     400: "invalid_request_error",
@@ -117,6 +118,8 @@ def from_exception(error: BaseException, params: tuple[str, ...] = ()) -> APIErr
         return bad_request(error, params)
     if isinstance(error, EngineDeadError | RequestFailedError):
         return APIError(500 if isinstance(error, RequestFailedError) else 503, str(error))
+    if isinstance(error, WorkerDiedError):  # the engine stopped with it
+        return APIError(503, f"the engine has stopped: {error}")
     return APIError(500, f"internal error: {type(error).__name__}: {error}")
 
 
