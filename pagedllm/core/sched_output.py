@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pagedllm.core.block_pool import BlockHash
@@ -31,7 +32,7 @@ class ScheduledRequest:
     num_draft_tokens: int = 0
     # output tokens the request gained since the worker last saw it (a request new to
     # the worker comes whole in SchedulerOutput.new_requests instead)
-    new_output_token_ids: list[int] = field(default_factory=list)
+    new_output_token_ids: Sequence[int] = ()
 
     @property
     def samples(self) -> bool:

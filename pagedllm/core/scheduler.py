@@ -263,16 +263,19 @@ class Scheduler:
         prompt tokens the step computes."""
         new: list[NewRequestData] = []
         seen = self._worker_output_lens
+        requests = self.requests
         for s in scheduled:
-            request = self.requests[s.request_id]
-            before, prompt = s.num_computed_tokens_before, request.num_prompt_tokens
-            self.num_prompt_tokens_total += max(0, min(before + s.num_new_tokens, prompt) - before)
+            request_id = s.request_id
+            request = requests[request_id]
+            before, prompt = s.num_computed_tokens_before, len(request.prompt_token_ids)
+            if before < prompt:
+                self.num_prompt_tokens_total += min(before + s.num_new_tokens, prompt) - before
             output = request.output_token_ids
-            known = seen.get(s.request_id)
+            known, now = seen.get(request_id), len(output)
             if known is None:
                 new.append(
                     NewRequestData(
-                        request.request_id,
+                        request_id,
                         request.prompt_token_ids,
                         list(output),
                         request.sampling_params,
@@ -281,9 +284,9 @@ class Scheduler:
                         request.pooling_normalize,
                     )
                 )
-            elif known < len(output):
+            elif known != now:
                 s.new_output_token_ids = output[known:]
-            seen[s.request_id] = len(output)
+            seen[request_id] = now
         return new
 
     def take_kv_saves(self) -> list[tuple[BlockHash, int, bool]]:
@@ -494,12 +497,14 @@ class Scheduler:
                     request.status = RequestStatus.FINISHED_STOPPED
                     finished.append(request)
                     continue
-            for i, token_id in enumerate(sampled):
+            several = len(sampled) > 1  # a verification's accepted drafts and its token
+            num_before = request.num_output_tokens if several else 0
+            for token_id in sampled:
                 request.append_output_token_ids(token_id)
                 if request.check_stop(max_len):
                     finished.append(request)
-                    if isinstance(sampled, list):
-                        del sampled[i + 1 :]
+                    if several and isinstance(sampled, list):
+                        del sampled[request.num_output_tokens - num_before :]
                     break
             if sched.num_draft_tokens:
                 cache_blocks(request, min(request.num_computed_tokens, request.num_tokens))
