@@ -33,6 +33,9 @@ class AttentionMetadata:
     # The decode sequences' block tables and lengths, gathered once per step (not per layer).
     decode_block_tables: torch.Tensor  # [Bd, max_blocks] int64
     decode_seq_lens: torch.Tensor  # [Bd] int64
+    # host copies a backend plans with, so no layer waits for a device→host copy
+    query_start_loc_list: list[int] = field(default_factory=list)  # [B+1]
+    decode_max_seq_len: int = 0  # the longest decode sequence (0: none)
     # With more than one KV-cache layer group: groups 1.. as metadata of their own (the
     # same batch through their block tables); this object is group 0's.
     groups: list[AttentionMetadata] = field(default_factory=list)
@@ -48,7 +51,7 @@ class AttentionMetadata:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.query_start_loc[-1])
+        return self.query_start_loc_list[-1]
 
     @classmethod
     def build_grouped(
@@ -124,6 +127,8 @@ class AttentionMetadata:
             prefill_seq_idx=[],
             decode_block_tables=table,
             decode_seq_lens=seq_lens_t,
+            query_start_loc_list=list(range(num_seqs + 1)),
+            decode_max_seq_len=max(seq_lens),
         )
 
     @classmethod
@@ -154,6 +159,10 @@ class AttentionMetadata:
         slot_mapping = blocks * block_size + positions % block_size
         is_decode = query_lens_t == 1
         decode_seq_idx = torch.nonzero(is_decode).flatten()
+        starts = [0]
+        for length in query_lens:
+            starts.append(starts[-1] + length)
+        decode_lens = [n for n, q in zip(seq_lens, query_lens, strict=True) if q == 1]
         return cls(
             positions=positions.to(device),
             slot_mapping=slot_mapping.to(device),
@@ -168,4 +177,6 @@ class AttentionMetadata:
             prefill_seq_idx=torch.nonzero(~is_decode).flatten().tolist(),
             decode_block_tables=table[decode_seq_idx].to(device),
             decode_seq_lens=seq_lens_t[decode_seq_idx].to(device),
+            query_start_loc_list=starts,
+            decode_max_seq_len=max(decode_lens, default=0),
         )

@@ -50,7 +50,7 @@ def paged_attention(
     out = torch.empty_like(query)
     if meta.decode_seq_idx.numel():
         out[meta.decode_token_idx] = _decode(query, kv_cache, meta, scale)
-    starts = meta.query_start_loc.tolist() if meta.prefill_seq_idx else []
+    starts = meta.query_start_loc_list
     window = kv_cache.sliding_window
     for i in meta.prefill_seq_idx:
         start, end = starts[i], starts[i + 1]
@@ -92,14 +92,13 @@ def _decode(
 ) -> torch.Tensor:
     """All single-token queries at once: in place on the CPU (C kernel), else over their
     padded, gathered block tables."""
-    seq_idx = meta.decode_seq_idx
     seq_lens = meta.decode_seq_lens
     decode_query = query if meta.decode_only else query[meta.decode_token_idx]
     if cpu_decode.supports(query, kv_cache):
         return cpu_decode.paged_decode(
             decode_query, kv_cache, meta.decode_block_tables, seq_lens, scale
         )
-    max_len = max(meta.seq_lens_list[i] for i in seq_idx.tolist())
+    max_len = meta.decode_max_seq_len
     num_blocks = -(-max_len // meta.block_size)
     tables = meta.decode_block_tables[:, :num_blocks]
     k = kv_cache.read(0, tables, query.dtype)  # [Bd, L, Hkv, D]

@@ -10,12 +10,14 @@ import os
 import torch
 import torch.distributed as dist
 
+from pagedllm.attention import select_attention
 from pagedllm.attention.kv_cache import resolve_kv_cache_dtype
 from pagedllm.config import EngineArgs
 from pagedllm.core.sched_output import SchedulerOutput
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers.quantized import QuantizedWeight
 from pagedllm.model.loader import load_model, resolve_model_path
+from pagedllm.model.models.llama import use_attention_backend
 from pagedllm.model.parallel import local_config
 from pagedllm.spec_decode import load_draft_model
 from pagedllm.worker.kv_cache import (
@@ -123,6 +125,9 @@ class Worker:
                 max_model_len=self.max_model_len,
             )
         models = [m for m in (self.model, self.draft_model) if m is not None]
+        backend = select_attention(device, self.kv_cache_dtype)
+        for model in models:
+            use_attention_backend(model, backend)
         # a draft model's KV pool has as many blocks as the target's (same tables)
         local_configs = [_built_config(m) for m in models]
         self.block_bytes = sum(

@@ -31,9 +31,6 @@ DEVICE = "cpu" if triton_backend.INTERPRETED else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("compiled Triton kernels need a CUDA device", allow_module_level=True)
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16  # two query heads per KV head
-SCALE = HEAD_DIM**-0.5
-
 
 class Batch:
     """A flat batch of sequences (cached context + new tokens each) over a cache whose
@@ -48,7 +45,11 @@ class Batch:
         cache_dtype: torch.dtype | None = None,
         window: int | None = None,
         seed: int = 0,
+        heads: tuple[int, int] = (4, 2),  # query heads, KV heads: two queries per KV head
+        head_dim: int = 16,
     ) -> None:
+        num_heads, num_kv_heads = heads
+        self.scale = head_dim**-0.5
         gen = torch.Generator().manual_seed(seed)
         self.seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
         counts = [-(-n // block_size) for n in self.seq_lens]
@@ -57,19 +58,19 @@ class Batch:
         self.tables = [ids[sum(counts[:i]) : sum(counts[: i + 1])] for i in range(len(counts))]
         cache_dtype = cache_dtype or dtype
         self.cache = make_kv_cache(
-            num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=cache_dtype, device=DEVICE
+            num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype, device=DEVICE
         )
         slots = torch.arange(num_blocks * block_size, device=DEVICE)
-        shape = (len(slots), NUM_KV_HEADS, HEAD_DIM)
+        shape = (len(slots), num_kv_heads, head_dim)
         old_k, old_v = (torch.randn(shape, generator=gen).to(DEVICE) for _ in range(2))
         self.cache.write(old_k, old_v, slots)
         self.cache.sliding_window = window
         tokens = sum(query_lens)
         # as the model passes them: Q and K side by side in one tensor (Q's rows strided)
-        qk = torch.randn(tokens, NUM_HEADS + NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        qk = torch.randn(tokens, num_heads + num_kv_heads, head_dim, generator=gen)
         qk = qk.to(device=DEVICE, dtype=dtype)
-        self.query, self.key = qk.split([NUM_HEADS, NUM_KV_HEADS], dim=1)
-        self.value = torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        self.query, self.key = qk.split([num_heads, num_kv_heads], dim=1)
+        self.value = torch.randn(tokens, num_kv_heads, head_dim, generator=gen)
         self.value = self.value.to(device=DEVICE, dtype=dtype)
         self.meta = AttentionMetadata.build(
             self.seq_lens, query_lens, self.tables, block_size, device=DEVICE
@@ -90,15 +91,15 @@ class Batch:
             k = self.cache.read(0, blocks, torch.float64)[:seq_len].cpu()
             v = self.cache.read(1, blocks, torch.float64)[:seq_len].cpu()
             q = self.query[start : start + q_len].double().cpu()
-            outs.append(contiguous_attention(q, k, v, self.cache.sliding_window))
+            outs.append(contiguous_attention(q, k, v, self.scale, self.cache.sliding_window))
         return torch.cat(outs)
 
 
-def contiguous_attention(q, k, v, window=None):
+def contiguous_attention(q, k, v, scale, window=None):
     """Causal attention of one sequence's last len(q) positions over all of k/v."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * SCALE
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     q_pos = torch.arange(len(k) - len(q), len(k))[:, None]
     k_pos = torch.arange(len(k))[None, :]
     visible = k_pos <= q_pos
@@ -110,7 +111,7 @@ def contiguous_attention(q, k, v, window=None):
 
 def triton_attention(batch: Batch) -> torch.Tensor:
     return triton_backend.paged_attention(
-        batch.query, batch.key, batch.value, batch.cache, batch.meta, SCALE
+        batch.query, batch.key, batch.value, batch.cache, batch.meta, batch.scale
     )
 
 
@@ -118,8 +119,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4
     torch.testing.assert_close(actual.cpu().double(), expected, atol=tol, rtol=tol)
 
 
-# A prefill chunk over cached blocks, a whole prompt, a one-token chunk of context 0, and
-# decodes: the prefill kernel's tiles (64 tokens) split the 70-token chunk in two.
+# A 70-token chunk over 37 cached positions (two of the prefill kernel's default 64-token
+# tiles), a whole 23-token prompt, a one-token prompt and two decodes, in one flat batch.
 MIXED = ([37, 0, 5, 0, 90], [70, 23, 1, 1, 1])
 
 
@@ -138,7 +139,7 @@ def test_decode_tiles_shorter_than_the_sequence(block_n):
     out = torch.full_like(batch.query, math.nan)
     triton_backend.paged_decode(
         batch.query, batch.cache, meta.decode_block_tables, meta.decode_seq_lens,
-        meta.decode_token_idx, SCALE, out, block_n=block_n,
+        meta.decode_token_idx, batch.scale, out, block_n=block_n,
     )  # fmt: skip
     assert_close(out, batch.expected())
 
@@ -154,7 +155,7 @@ def test_decode_row_of_no_positions_gives_zeros():
     out = torch.full_like(batch.query, math.nan)
     triton_backend.paged_decode(
         batch.query, batch.cache, meta.decode_block_tables, seq_lens,
-        meta.decode_token_idx, SCALE, out,
+        meta.decode_token_idx, batch.scale, out,
     )  # fmt: skip
     assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
     assert_close(out[1:], batch.expected()[1:])
@@ -174,9 +175,19 @@ def test_prefill_small_tiles_cross_block_and_chunk_boundaries():
     out = torch.full_like(batch.query, math.nan)
     triton_backend.varlen_prefill(
         batch.query, batch.cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        max(batch.query_lens), SCALE, out, block_m=16, block_n=16,
+        max(batch.query_lens), batch.scale, out, block_m=16, block_n=16,
     )  # fmt: skip
     assert_close(out, batch.expected())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_model_shapes(dtype):
+    """SmolLM2-135M's attention: 9 query heads over 3 KV heads (a group of 3, padded to
+    the decode tile's 16 rows), head_dim 64, blocks of 16, the default tiles."""
+    batch = Batch(*MIXED, block_size=16, dtype=dtype, heads=(9, 3), head_dim=64, seed=10)
+    assert_close(
+        triton_attention(batch), batch.expected(), tol=1e-4 if dtype == torch.float32 else 2e-2
+    )
 
 
 @pytest.mark.parametrize("window", [1, 7, 200])
@@ -191,7 +202,7 @@ def test_matches_torch_backend(monkeypatch):
     batch = Batch(*MIXED, block_size=4, window=11, seed=5)
     torch_cache = clone_cache(batch.cache)
     expected = torch_backend.paged_attention(
-        batch.query, batch.key, batch.value, torch_cache, batch.meta, SCALE
+        batch.query, batch.key, batch.value, torch_cache, batch.meta, batch.scale
     )
     torch.testing.assert_close(triton_attention(batch), expected, atol=1e-4, rtol=1e-4)
     assert caches_equal(batch.cache, torch_cache)
@@ -229,5 +240,40 @@ def test_lengths_come_from_host_metadata(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
     monkeypatch.setattr(torch.Tensor, "item", no_sync)
     out = triton_attention(batch)
+    monkeypatch.undo()
+    assert_close(out, batch.expected())
+
+
+def test_the_backend_is_chosen_once_by_device_and_cache_dtype():
+    """Triton's kernels on CUDA for float caches; the torch path (the CPU's C decode
+    kernel) everywhere else, and for int8/fp8 caches; a built model's layers call it."""
+    from pagedllm.attention import paged_attention, select_attention
+    from pagedllm.model.models.llama import LlamaAttention, use_attention_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert select_attention(cuda, torch.bfloat16) is triton_backend.paged_attention
+    assert select_attention(cuda, torch.int8) is paged_attention
+    assert select_attention(cpu, torch.float32) is paged_attention
+    layer = LlamaAttention.__new__(LlamaAttention)
+    torch.nn.Module.__init__(layer)
+    assert layer.attend is paged_attention  # the default, unbound
+    use_attention_backend(layer, triton_backend.paged_attention)
+    assert layer.attend is triton_backend.paged_attention
+
+
+def test_the_torch_backend_reads_no_length_back_from_the_device(monkeypatch):
+    """The portable path plans from the metadata's host lists too (on CUDA a `.tolist()`
+    per layer is a sync per layer)."""
+    monkeypatch.setattr(cpu_decode, "supports", lambda *a: False)  # the device path
+    batch = Batch(*MIXED, block_size=4, window=11, seed=9)
+
+    def no_sync(*args):
+        raise AssertionError("device→host copy in the attention call")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    out = torch_backend.paged_attention(
+        batch.query, batch.key, batch.value, batch.cache, batch.meta, batch.scale
+    )
     monkeypatch.undo()
     assert_close(out, batch.expected())

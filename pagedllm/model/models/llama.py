@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.attention import AttentionMetadata, KVCache, cpu_decode, paged_attention
+from pagedllm.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    KVCache,
+    cpu_decode,
+    paged_attention,
+)
 from pagedllm.model.config import ModelArchConfig
 from pagedllm.model.layers import decode_layer
 from pagedllm.model.layers.activation import silu_and_mul
@@ -90,6 +96,8 @@ def build_rotary(
 
 class LlamaAttention(nn.Module):
     tp: TensorParallel | None = None  # O's products are partial sums across ranks
+    # the backend, chosen once per model build (`use_attention_backend`)
+    attend: AttentionBackend = staticmethod(paged_attention)
 
     def __init__(self, config: ModelArchConfig) -> None:
         super().__init__()
@@ -124,9 +132,16 @@ class LlamaAttention(nn.Module):
         else:  # Q and K sit side by side in the fused output: rotate them in one go
             q, k = apply_rotary(qk, *cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        out = self.attend(q, k, v, kv_cache, meta, self.scale)
         out = self.o_proj(out.reshape(-1, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
+
+
+def use_attention_backend(model: nn.Module, backend: AttentionBackend) -> None:
+    """Make every attention layer of `model` call `backend`."""
+    for module in model.modules():
+        if isinstance(module, LlamaAttention):
+            module.attend = backend
 
 
 class LlamaMLP(nn.Module):
