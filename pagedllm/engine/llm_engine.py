@@ -71,6 +71,9 @@ class LLMEngine:
         try:
             self._build(args)
         except BaseException:
+            connector = getattr(self, "kv_connector", None)
+            if connector is not None:  # its threads, its port
+                connector.close()
             self.executor.close()  # the other ranks too
             raise
 
@@ -140,7 +143,8 @@ class LLMEngine:
             )
         elif args.speculative is not None:
             self.proposer = NgramProposer(args.speculative)
-        self.runner.proposer = self.proposer  # a draft model drafts inside the step
+        # a draft model drafts inside the step, on rank 0 (config refuses one under TP)
+        self.runner.proposer = self.proposer
         self.spec_stats = SpecDecodeStats()
         # PAGEDLLM_DEBUG_INVARIANTS=1: re-check the bookkeeping after every step and abort.
         self.debug_invariants = debug_invariants_enabled()

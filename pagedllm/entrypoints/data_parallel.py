@@ -104,7 +104,12 @@ def sum_metrics(texts: Sequence[str]) -> str:
 def _front_metrics(chooser: ReplicaChooser) -> str:
     """The front's own samples: which replicas are up, and what it sent each."""
     rows = [
-        ("pagedllm:dp_replica_up", "gauge", "1 while the replica's process runs.", "alive"),
+        (
+            "pagedllm:dp_replica_up",
+            "gauge",
+            "1 while the replica's process runs and its engine serves.",
+            "alive",
+        ),
         ("pagedllm:dp_requests_in_flight", "gauge", "Requests in flight per replica.", "in_flight"),
         ("pagedllm:dp_requests_routed", "counter", "Requests sent to each replica.", "routed"),
     ]
@@ -145,9 +150,10 @@ def build_dp_app(
                     continue
                 try:
                     answer = await client.get(replica.url + "/health", timeout=_HEALTH_TIMEOUT_S)
-                except httpx.HTTPError:
-                    continue  # busy, or gone: refresh() sees an exit
-                if answer.status_code == 503 and load.alive:
+                except Exception:  # busy, or gone: refresh() sees an exit
+                    continue
+                stopped = answer.status_code == 503 and "engine has stopped" in answer.text
+                if stopped and load.alive:
                     load.alive = False
                     logger.error(
                         "replica %d reports its engine stopped: new requests go elsewhere",

@@ -108,10 +108,17 @@ class MultiprocExecutor(Executor):
             return self.driver.execute(output)
         except CollectiveError as e:  # the ranks are out of step for good
             raise self._died() from e
-        except Exception as e:  # rank 0's own error fails only the step
+        except Exception as e:
             if not all(p.is_alive() for p in self.processes):
                 raise self._died() from e
-            raise
+            if not self.driver.runner.collectives_done:
+                # the other ranks wait in a collective rank 0 never reached: no later
+                # step could pair its collectives with theirs
+                raise WorkerDiedError(
+                    f"rank 0 failed inside a tensor-parallel step ({type(e).__name__}: {e}); "
+                    "the ranks are out of step: restart the engine"
+                ) from e
+            raise  # after the last collective: rank 0's error fails only the step
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -174,9 +181,14 @@ def _launched_by_torchrun(size: int) -> bool:
 
 
 def _join_torchrun(args: EngineArgs, size: int) -> dist.ProcessGroup:
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    return init_distributed(rank, size, "env://", resolve_device(args.device), local_rank)
+    local = os.environ.get("LOCAL_RANK")
+    return init_distributed(
+        int(os.environ["RANK"]),
+        size,
+        "env://",
+        resolve_device(args.device),
+        None if local is None else int(local),
+    )
 
 
 def _free_port() -> int:

@@ -81,6 +81,9 @@ class ModelRunner:
         # rank 0 samples; another tensor-parallel rank computes the same logits (its
         # share of the LM head joins them) and returns nothing
         self.is_driver = True
+        # whether this step has passed its last collective: an error after it is rank 0's
+        # alone, and leaves the ranks in step
+        self.collectives_done = False
         self._generators: dict[str, torch.Generator] = {}
         # embedding requests mid-prompt: the sum of their states so far (mean) or the
         # first position's (cls)
@@ -160,6 +163,7 @@ class ModelRunner:
         `output.num_samples` asks for more than one token from a request's last row (the
         first tokens of an n > 1 request, drawn together from its prompt's logits).
         """
+        self.collectives_done = False
         copy_blocks(self.kv_caches, output.block_copies)
         self.update_states(output)
         requests = self.requests
@@ -270,6 +274,7 @@ class ModelRunner:
             positions.extend(range(starts[i + 1] - 1 - k, starts[i + 1]))
         with self.forward_timer:  # the LM head is model compute too
             logits = self.model.compute_logits(hidden[torch.tensor(positions)])
+        self.collectives_done = True
         if not self.is_driver:
             return {}
 

@@ -65,19 +65,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def init_distributed(
-    rank: int, world_size: int, init_method: str, device: torch.device, local_rank: int
+    rank: int, world_size: int, init_method: str, device: torch.device, local_rank: int | None
 ) -> dist.ProcessGroup:
-    """Join the tensor-parallel group (gloo on the CPU, NCCL on CUDA) and return the group
+    """Join the tensor-parallel group (gloo on the CPU, NCCL on CUDA; `local_rank`: the GPU,
+    where the launcher says) and return the group
     that carries the steps: gloo, without a timeout that matters, as a rank may wait for
     the next step as long as the engine stays idle."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(
-                f"rank {rank} would need GPU {local_rank} of this machine's "
-                f"{torch.cuda.device_count()}: one GPU per rank"
-            )
-        torch.cuda.set_device(local_rank)
+    if device.type == "cuda":  # one GPU per rank: LOCAL_RANK's, else by rank
+        count = torch.cuda.device_count()
+        gpu = rank % count if local_rank is None else local_rank
+        if gpu >= count:
+            raise ValueError(f"rank {rank} would need GPU {gpu} of this machine's {count}")
+        torch.cuda.set_device(gpu)
     dist.init_process_group(
         backend,
         init_method=init_method,

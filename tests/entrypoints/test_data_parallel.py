@@ -168,8 +168,11 @@ def _fake_replica(index: int, engine_running: bool):
     app = FastAPI()
 
     @app.get("/health")
-    async def health():
-        return JSONResponse({}, status_code=200 if engine_running else 503)
+    async def health():  # as api_server answers it
+        if engine_running:
+            return JSONResponse({})
+        error = {"message": "the engine has stopped: rank 1 died", "type": "x"}
+        return JSONResponse({"error": error}, status_code=503)
 
     @app.post("/v1/completions")
     async def completions():

@@ -81,8 +81,9 @@ def test_a_rank_keeps_exactly_its_slices_of_the_quantized_blocks(default_model_p
 @pytest.mark.slow
 def test_an_idle_engine_keeps_its_ranks_and_a_dead_rank_stops_it(monkeypatch):
     """Ranks wait for the next step however long the engine idles (past the collectives'
-    timeout); a rank killed mid-service fails the next step's requests with a clear error
-    and the engine reports itself stopped (the server's /health: 503) instead of hanging."""
+    timeout); an error of rank 0's after the collectives fails one step; a rank killed
+    mid-service fails the next step's requests with a clear error and the engine reports
+    itself stopped (the server's /health: 503) instead of hanging."""
     monkeypatch.setenv("PAGEDLLM_TP_TIMEOUT_S", "2")  # the spawned rank reads it too
     monkeypatch.setattr(worker_module, "COLLECTIVE_TIMEOUT_S", 2.0)
     engine = AsyncLLM.from_engine_args(
@@ -100,6 +101,18 @@ def test_an_idle_engine_keeps_its_ranks_and_a_dead_rank_stops_it(monkeypatch):
         first = asyncio.run(ask("a"))
         time.sleep(3)  # idle past the timeout
         assert asyncio.run(ask("b")) == first
+        # rank 0's own error after the step's last collective fails only that step
+        runner = engine.engine.runner
+        sampler = runner.sampler
+
+        def fail_once(*args):
+            runner.sampler = sampler
+            raise RuntimeError("a sampler bug")
+
+        runner.sampler = fail_once
+        with pytest.raises(Exception, match="a sampler bug"):
+            asyncio.run(ask("x"))
+        assert engine.is_running and asyncio.run(ask("y")) == first  # the ranks in step
         rank = engine.engine.executor.processes[0]
         rank.kill()
         rank.join(5)
