@@ -41,6 +41,41 @@ def supports(kv_cache: KVCache) -> bool:
 
 
 @triton.jit
+def _tile_scores(
+    q, table, pos, valid, k_ptr, v_ptr, offs_d, d_mask, kv_head,
+    stride_kb, stride_kt, stride_kh, BLOCK_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """A tile of keys and values at positions `pos` (where `valid`), read in place through
+    the sequence's block table `table`, and the scores q·kᵀ (unscaled, unmasked)."""
+    block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0)
+    kv_offsets = block * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+    kv_offsets = kv_offsets[:, None] + offs_d[None, :]
+    kv_mask = valid[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    if DOT_F32:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+    return s, v
+
+
+@triton.jit
+def _online_softmax_step(q, s, v, m_i, l_i, acc, DOT_F32: tl.constexpr):
+    """Fold a tile's scaled, masked scores (log2 units) and its values into the running
+    row maxima, sums and output."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _paged_decode_kernel(
     out_ptr,
     q_ptr,
@@ -95,27 +130,12 @@ def _paged_decode_kernel(
     for start in range((lo // BLOCK_N) * BLOCK_N, seq_len, BLOCK_N):
         pos = start + offs_n
         valid = (pos < seq_len) & (pos >= lo)
-        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0)
-        kv_offsets = block * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-        kv_offsets = kv_offsets[:, None] + offs_d[None, :]
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s, v = _tile_scores(
+            q, table, pos, valid, k_ptr, v_ptr, offs_d, d_mask, kv_head,
+            stride_kb, stride_kt, stride_kh, BLOCK_SIZE, DOT_F32,
+        )  # fmt: skip
         s = tl.where(valid[None, :], s * qk_scale, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DOT_F32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, s, v, m_i, l_i, acc, DOT_F32)
 
     # a row of no positions (a padded row of a captured batch) gives zeros, not NaN
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -194,30 +214,15 @@ def _paged_prefill_kernel(
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         pos = start + offs_n
         valid = (pos < hi) & (pos >= lo)
-        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0)
-        kv_offsets = block * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-        kv_offsets = kv_offsets[:, None] + offs_d[None, :]
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s, v = _tile_scores(
+            q, table, pos, valid, k_ptr, v_ptr, offs_d, d_mask, kv_head,
+            stride_kb, stride_kt, stride_kh, BLOCK_SIZE, DOT_F32,
+        )  # fmt: skip
         visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         if SLIDING:
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s * qk_scale, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DOT_F32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, s, v, m_i, l_i, acc, DOT_F32)
 
     out = acc / l_i[:, None]
     out_offsets = rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
@@ -233,12 +238,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Attention for a flat batch. query [T, Hq, D], key/value [T, Hkv, D] → [T, Hq, D].
-
-    The new keys and values are written to the cache first, then every query attends
-    to its own sequence's keys up to and including its own position (in a sliding-window
-    layer, `kv_cache.sliding_window` positions at most).
-    """
+    """`torch_backend.paged_attention`'s call and result, computed by the two kernels."""
     if not supports(kv_cache):
         raise NotImplementedError(
             f"the Triton attention backend reads float KV caches {FLOAT_CACHE_DTYPES}, "

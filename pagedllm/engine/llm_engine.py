@@ -40,12 +40,7 @@ from pagedllm.spec_decode.stats import ACCEPTED_PER_POSITION
 from pagedllm.tokenizer import load_tokenizer
 from pagedllm.worker.executor import make_executor
 from pagedllm.worker.model_runner import SampledRow
-from pagedllm.worker.worker import (
-    layer_group_windows,
-    resolve_device,
-    resolve_dtype,
-    usable_cores,
-)
+from pagedllm.worker.worker import resolve_device, resolve_dtype, usable_cores
 
 __all__ = ["LLMEngine", "PromptType", "resolve_device", "resolve_dtype", "usable_cores"]
 
@@ -88,14 +83,6 @@ class LLMEngine:
         self.kv_cache_dtype = worker.kv_cache_dtype
         draft_model, draft_caches = worker.draft_model, worker.draft_caches
         windows = worker.windows
-        if draft_model is not None and (
-            windows != [None] or layer_group_windows(draft_model.config) != [None]
-        ):
-            raise ValueError(
-                "draft-model speculation reaches the draft's KV through the target's one "
-                "block table, so neither model may have sliding-window layers (their blocks "
-                'are freed as the window moves); use {"method": "ngram"} with this model'
-            )
         self.num_blocks = num_blocks = worker.num_blocks
         kv_caches = worker.kv_caches
         self.kv_connector = self._kv_connector(path, windows, kv_caches + draft_caches)

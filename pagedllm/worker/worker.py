@@ -124,6 +124,15 @@ class Worker:
                 exact_matmul=args.exact_matmul,
                 max_model_len=self.max_model_len,
             )
+        self.windows = layer_group_windows(config)
+        if self.draft_model is not None and (
+            self.windows != [None] or layer_group_windows(self.draft_model.config) != [None]
+        ):  # refused before any KV is allocated
+            raise ValueError(
+                "draft-model speculation reaches the draft's KV through the target's one "
+                "block table, so neither model may have sliding-window layers (their blocks "
+                'are freed as the window moves); use {"method": "ngram"} with this model'
+            )
         models = [m for m in (self.model, self.draft_model) if m is not None]
         backend = select_attention(device, self.kv_cache_dtype)
         for model in models:
@@ -153,7 +162,6 @@ class Worker:
             if self.draft_model is not None
             else []
         )
-        self.windows = layer_group_windows(config)
         self.runner = ModelRunner(self.model, self.kv_caches, args.block_size, device)
         self.runner.is_driver = rank == 0
         self.runner.sampler.generator = torch.Generator(device=device).manual_seed(args.seed)

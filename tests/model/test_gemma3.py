@@ -154,6 +154,13 @@ def test_the_window_matters_at_that_length(gemma_path, long_case, monkeypatch):
     assert tokens != expected_tokens or (ours - expected).abs().max() > 1e-3
 
 
+def test_a_draft_model_is_refused_beside_sliding_window_layers(gemma_path):
+    """Its KV is reached through the target's one block table, whose sliding groups free
+    blocks as the window moves: refused with a clear error, before any KV is allocated."""
+    with pytest.raises(ValueError, match="neither model may have sliding-window layers"):
+        LLM(model=gemma_path, speculative_config={"method": "draft_model", "model": gemma_path})
+
+
 def test_chat_template_and_end_of_turn(gemma):
     """The GGUF has no template: Gemma's turn format is used, and <end_of_turn> ends an
     answer as EOS does (unless ignore_eos)."""
