@@ -2,7 +2,7 @@
 
 Runs the default model on one 128-token random prompt for `--tokens` greedy steps
 (after a warm-up request), timing every call into the C kernels (the decoder layers,
-each one call of five kernels; the LM head's weight product; row lookups) with
+all in one call; the LM head's weight product; row lookups) with
 `perf_counter_ns` around the ctypes call, and the whole steps from the engine loop.
 What is left is Python, torch dispatch, sampling, scheduling and detokenization.
 
@@ -51,10 +51,10 @@ def main() -> None:
         kernels.repack,
         kernels.level,
     )
-    original_kernels, original_layer = quantized.kernels, decode_layer._kernel
-    layer_kernel = timed(original_layer(), totals, "decoder layers (norms, products, attention)")
+    original_kernels, original_stack = quantized.kernels, decode_layer._stack_kernel
+    stack_kernel = timed(original_stack(), totals, "decoder layers (norms, products, attention)")
     quantized.kernels = lambda level=None: patched  # type: ignore[assignment]
-    decode_layer._kernel = lambda: layer_kernel  # type: ignore[assignment]
+    decode_layer._stack_kernel = lambda: stack_kernel  # type: ignore[assignment]
 
     engine = llm.engine
     step, steps = engine.step, []
@@ -71,7 +71,7 @@ def main() -> None:
     try:
         llm.generate(prompt, greedy, use_tqdm=False)
     finally:
-        quantized.kernels, decode_layer._kernel = original_kernels, original_layer
+        quantized.kernels, decode_layer._stack_kernel = original_kernels, original_stack
     decode = steps[1:]  # the first step is the prefill
     total = sum(decode)
     print(f"decode steps: {len(decode)}, mean {total / len(decode) / 1e6:.2f} ms")

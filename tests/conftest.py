@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton reads this when its kernels are decorated, at import: set before any test module
+# (an engine test picks the attention backend, importing triton) so that the Triton tests
+# run in the interpreter whatever the order; TRITON_INTERPRET=0 runs them on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 

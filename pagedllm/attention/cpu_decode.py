@@ -147,3 +147,37 @@ def paged_decode_rope(
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its buffers")
     return out
+
+
+# rotate_qk(qkv, ld, cos, sin, T, num_heads, num_kv_heads, head_dim, query, key, num_threads)
+ROTATE_ARGTYPES = (_PTR, ctypes.c_long, _PTR, _PTR, _INT, _INT, _INT, _INT, _PTR, _PTR, _INT)
+
+
+def rotate_qk_kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The rotary kernel for any step's q and k, or None where it cannot be built."""
+    return cpu_kernels.kernel(SOURCE, "rotate_qk", ROTATE_ARGTYPES)
+
+
+def rotate_qk(
+    qkv: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D] and k [T, Hkv, D] rotated out of the fused projection qkv
+    [T, (Hq + 2 Hkv) * D] (float32) by cos/sin ([T, 1, D], `RotaryEmbedding.cos_sin`):
+    the values torch's `apply_rotary` gives, in one call instead of five passes."""
+    kernel = rotate_qk_kernel()
+    assert kernel is not None and qkv.stride(1) == 1
+    cos, sin = (t.to(torch.float32).contiguous() for t in cos_sin)
+    tokens = qkv.shape[0]
+    query = torch.empty(tokens, num_heads, head_dim, dtype=torch.float32)
+    key = torch.empty(tokens, num_kv_heads, head_dim, dtype=torch.float32)
+    status = kernel(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), tokens, num_heads,
+        num_kv_heads, head_dim, query.data_ptr(), key.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"rotary embeddings need an even head_dim, not {head_dim}")
+    return query, key

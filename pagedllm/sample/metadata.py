@@ -48,8 +48,10 @@ class SamplingMetadata:
     """
 
     vocab_size: int
-    greedy: torch.Tensor  # [B] bool
-    temperature: torch.Tensor  # [B] float32; 1.0 on greedy rows
+    # [B] bool and [B] float32 (1.0 on greedy rows); None in an all-greedy batch, which
+    # draws nothing at random (two tensors fewer in every batch-1 greedy step)
+    greedy: torch.Tensor | None
+    temperature: torch.Tensor | None
     all_greedy: bool
     all_random: bool
     top_k: torch.Tensor | None = None  # [B] long; vocab_size where disabled
@@ -77,10 +79,6 @@ class SamplingMetadata:
     allowed_bitmask: torch.Tensor | None = None
 
     @property
-    def batch_size(self) -> int:
-        return self.greedy.shape[0]
-
-    @property
     def any_penalties(self) -> bool:
         return (
             self.repetition_penalty is not None
@@ -103,11 +101,14 @@ class SamplingMetadata:
         def floats(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
+        all_greedy = all(greedy)
         meta = cls(
             vocab_size=vocab_size,
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            temperature=floats([1.0 if p.greedy else p.temperature for p in params]),
-            all_greedy=all(greedy),
+            greedy=None if all_greedy else torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperature=(
+                None if all_greedy else floats([1.0 if p.greedy else p.temperature for p in params])
+            ),
+            all_greedy=all_greedy,
             all_random=not any(greedy),
         )
 

@@ -66,6 +66,7 @@ class Sampler:
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
     def _sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        assert meta.temperature is not None and meta.greedy is not None  # not all greedy
         greedy = None if meta.all_random else logits.argmax(dim=-1)
         logits.div_(meta.temperature.unsqueeze(1))
         if meta.min_p is not None:

@@ -1,19 +1,17 @@
 """The Triton paged-attention kernels equal plain contiguous attention (and the torch
 backend): random lengths, shuffled block tables, GQA, cached prefixes, sliding windows.
 
-They run on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set here before
-triton is imported); with TRITON_INTERPRET=0 on a CUDA machine the same tests run the
-compiled kernels on the GPU.
+They run on the CPU under the Triton interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before anything imports triton); with TRITON_INTERPRET=0 on a CUDA
+machine the same tests run the compiled kernels on the GPU.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 import torch

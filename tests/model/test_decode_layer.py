@@ -41,3 +41,31 @@ def test_one_call_layer_equals_the_five_calls(model_f32, exact, kv_dtype):
     assert caches_equal(kv_c, kv_python)
     assert not caches_equal(kv_c, kv)  # the new keys and values were written
     assert not torch.equal(hidden_c, hidden)  # the layer did something
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "int8"])
+def test_the_whole_stack_in_one_call_equals_layer_by_layer_then_the_final_norm(model_f32, exact):
+    """`decode_stack`: every layer and the model's final norm in one C call, as a batch-1
+    decode step runs, equal to the layers one by one followed by `model.norm`."""
+    model = model_f32
+    c = model.config
+    lengths, tables = [33, 5], [[0, 1, 2], [3]]
+    generator = torch.Generator().manual_seed(1)
+    caches = [
+        random_cache(FORMATS["float32"], 4, BLOCK, c.num_kv_heads, c.head_dim, generator)
+        for _ in model.layers
+    ]
+    hidden = torch.randn(len(lengths), c.hidden_size, generator=generator)
+    meta = AttentionMetadata.build(lengths, [1] * len(lengths), tables, BLOCK)
+    cos_sin = model.rotary.cos_sin(meta.positions, torch.float32)
+
+    caches_python, hidden_python = [clone_cache(kv) for kv in caches], hidden.clone()
+    for layer, kv in zip(model.layers, caches_python, strict=True):
+        layer.fused_decode(hidden_python, cos_sin, kv, meta, exact)
+    expected = model.norm(hidden_python)
+    caches_c, hidden_c = [clone_cache(kv) for kv in caches], hidden.clone()
+    model.decode_stack(caches_c)(hidden_c, decode_layer.DecodeStep(cos_sin, meta), exact)
+
+    assert torch.equal(hidden_c, expected)
+    assert all(caches_equal(a, b) for a, b in zip(caches_c, caches_python, strict=True))
+    model._decode_stack = None  # the session's model keeps no struct of these caches

@@ -105,8 +105,10 @@ def test_rows_that_do_not_hold_whole_blocks_are_refused():
     raw, _ = quantized(T.Q8_0, 4, 64)
     with pytest.raises(ValueError, match="do not hold"):
         QuantizedWeight.from_gguf(raw[:, :-1], T.Q8_0)
-    with pytest.raises(IndexError):
-        QuantizedWeight.from_gguf(raw, T.Q8_0).rows(torch.tensor([4]))
+    weight = QuantizedWeight.from_gguf(raw, T.Q8_0)
+    for ids in ([4], [0, 4], [-1], [1, 2, -5]):  # checked in C, before any row is written
+        with pytest.raises(IndexError):
+            weight.rows(torch.tensor(ids))
 
 
 def test_repacked_legacy_types_take_the_files_bytes_and_k_quants_float32_scales():

@@ -73,3 +73,27 @@ def test_rotation_preserves_norm_and_relative_angle():
     assert torch.equal(
         rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.tensor([-3.0, -4.0, 1.0, 2.0])
     )
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 1)])
+def test_rotation_in_c_gives_torchs_values_bit_for_bit(tokens, heads):
+    """The C rotation of a prefill's q and k (`rotate_qk`) is the same float operations
+    as `apply_rotary`: equal values, not close ones, so the exact path stays exact."""
+    from pagedllm.attention import cpu_decode
+    from pagedllm.model.layers.rotary import apply_rotary
+
+    if cpu_decode.rotate_qk_kernel() is None:
+        pytest.skip("no C compiler")
+    num_heads, num_kv_heads = heads
+    head_dim = 64
+    generator = torch.Generator().manual_seed(tokens)
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    qkv = torch.randn(tokens, width, generator=generator) * 3
+    rotary = RotaryEmbedding(head_dim, 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim))
+    positions = torch.randint(0, 100_000, (tokens,), generator=generator)
+    cos_sin = rotary.cos_sin(positions, torch.float32)
+    q, k = cpu_decode.rotate_qk(qkv, cos_sin, num_heads, num_kv_heads, head_dim)
+    qk = qkv[:, : (num_heads + num_kv_heads) * head_dim].view(tokens, -1, head_dim)
+    expected_q, expected_k = apply_rotary(qk, *cos_sin).split([num_heads, num_kv_heads], dim=1)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)

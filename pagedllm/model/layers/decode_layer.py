@@ -65,18 +65,33 @@ class _Step(ctypes.Structure):
 
 # decode_layer(layer, step, hidden, M, exact, attention, num_threads)
 ARGTYPES = (_PTR, _PTR, _PTR, _INT, _INT, _PTR, _INT)
+# decode_layers(layers, n, step, hidden, M, exact, attention, final_norm, eps, num_threads)
+STACK_ARGTYPES = (_PTR, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _FLOAT, _INT)
 
 
 @functools.cache
-def _kernel():
-    level = quantized.kernels()
-    if level is None:
+def _built(name: str, argtypes: tuple):
+    """Function `name` of the block kernels' source, at their level (None without them)."""
+    kernels = quantized.kernels()
+    if kernels is None:
         return None
-    return cpu_kernels.kernel(quantized.SOURCE, "decode_layer", ARGTYPES, level.level)
+    return cpu_kernels.kernel(quantized.SOURCE, name, argtypes, kernels.level)
+
+
+def _kernel():
+    return _built("decode_layer", ARGTYPES)
+
+
+def _stack_kernel():
+    return _built("decode_layers", STACK_ARGTYPES)
 
 
 def available() -> bool:
-    return _kernel() is not None and cpu_decode.paged_decode_rope_kernel() is not None
+    return (
+        _kernel() is not None
+        and _stack_kernel() is not None
+        and cpu_decode.paged_decode_rope_kernel() is not None
+    )
 
 
 def _packed(w: QuantizedWeight) -> _PackedWeight:
@@ -120,6 +135,33 @@ class DecodeLayer:
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(f"decode layer failed ({status})")
+        return hidden
+
+
+class DecodeStack:
+    """Every layer of a model for one set of KV caches, then its final norm: a decode
+    step's layers in one call."""
+
+    def __init__(
+        self,
+        layers: list[DecodeLayer],
+        kv_caches: list[KVCache],
+        final_norm: tuple[torch.Tensor, float],
+    ) -> None:
+        self.layers, self.kv_caches = layers, kv_caches  # alive while their addresses are held
+        self.pointers = (_PTR * len(layers))(*(layer.pointer for layer in layers))
+        self.norm_weight, self.norm_eps = final_norm
+
+    def __call__(self, hidden: torch.Tensor, step: DecodeStep, exact: bool) -> torch.Tensor:
+        """hidden [M, H] (M <= 16, float32, contiguous) through every layer and the final
+        norm, in place."""
+        status = _stack_kernel()(
+            self.pointers, len(self.layers), step.pointer, hidden.data_ptr(), hidden.shape[0],
+            exact, step.attention, self.norm_weight.data_ptr(), self.norm_eps,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"decode layers failed ({status})")
         return hidden
 
 

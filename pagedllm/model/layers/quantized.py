@@ -44,8 +44,8 @@ MATMUL_ARGS = (_INT, _INT, _PTR, _PTR, _PTR, _INT, _INT, _PTR, _LONG, _INT, _PTR
 MATMUL_ARGS += (_PTR, ctypes.c_float, _INT, _INT)
 # What the kernel does to x first (the C enum) and whether it adds y to the output.
 PLAIN, RMS_NORM, SILU_MUL = 0, 1, 2
-# dequantize_rows(format, half, qs, scales, mins, K, ids, n, out, bf16, num_threads)
-DEQUANT_ARGS = (_INT, _INT, _PTR, _PTR, _PTR, _INT, _PTR, _INT, _PTR, _INT, _INT)
+# dequantize_rows(format, half, qs, scales, mins, K, ids, n, num_rows, out, bf16, num_threads)
+DEQUANT_ARGS = (_INT, _INT, _PTR, _PTR, _PTR, _INT, _PTR, _INT, _LONG, _PTR, _INT, _INT)
 # repack_rows(type, src, row_bytes, N, K, qs, scales, mins, num_threads)
 REPACK_ARGS = (_INT, _PTR, _LONG, _INT, _INT, _PTR, _PTR, _PTR, _INT)
 # The layouts of the repack (the C enum), their bytes of integers and scales per block.
@@ -82,6 +82,30 @@ def kernels(level: str | None = None) -> Kernels | None:
     if matmul is None or dequant is None or prepare is None or repack is None:
         return None
     return Kernels(matmul, dequant, prepare, repack, level)
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of float32 rows [M, K] on the CPU by the C code the block kernels norm their
+    inputs with (the same values), or None without the kernels. For a decode step's few
+    rows: there torch's op costs ~50 µs in a step against ~8 µs alone, its code evicted
+    by the layers' weights (BENCHMARKS.md, issue 12)."""
+    k = kernels()
+    if k is None:
+        return None
+    out = torch.empty_like(x)
+    status = k.prepare(
+        x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], RMS_NORM, weight.data_ptr(), eps,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"RMSNorm of {tuple(x.shape)} failed ({status})")
+    return out
+
+
+def _row_address(array: torch.Tensor, row: int) -> int:
+    """Where row `row` of a 2-D array starts (what array[row:].data_ptr() gives, without
+    making the view: three of them cost ~5 µs of a batch-1 step's embedding lookup)."""
+    return array.data_ptr() + row * array.stride(0) * array.element_size()
 
 
 def padded_rows(rows: int) -> int:
@@ -215,20 +239,22 @@ class QuantizedWeight:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 rows `ids` (an embedding lookup); ids must lie in [0, rows)."""
         ids = ids.to(torch.int64).contiguous()
-        if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < self.shape[0]):
-            raise IndexError(f"row ids out of range [0, {self.shape[0]})")
         out = torch.empty(*ids.shape, self.cols, dtype=torch.float32)
         self._dequantize(0, ids, out)
         return out
 
     def _dequantize(self, start: int, ids: torch.Tensor | None, out: torch.Tensor) -> None:
-        """Rows start, start + 1, ... (or ids) into out."""
-        mins = None if self.mins is None else self.mins[start:].data_ptr()
+        """Rows start, start + 1, ... (or ids, each checked) into out."""
+        qs, scales = _row_address(self.qs, start), _row_address(self.scales, start)
+        mins = None if self.mins is None else _row_address(self.mins, start)
         status = self._kernels().dequantize(
-            self.format, self.half, self.qs[start:].data_ptr(), self.scales[start:].data_ptr(), mins,
+            self.format, self.half, qs, scales, mins,
             self.cols, None if ids is None else ids.data_ptr(), out.numel() // self.cols,
-            out.data_ptr(), out.dtype == torch.bfloat16, torch.get_num_threads(),
+            self.shape[0] - start, out.data_ptr(), out.dtype == torch.bfloat16,
+            torch.get_num_threads(),
         )  # fmt: skip
+        if status == -3:
+            raise IndexError(f"row ids out of range [0, {self.shape[0]})")
         if status != 0:
             raise RuntimeError(f"dequantizing {self.qtype.name} rows failed ({status})")
 

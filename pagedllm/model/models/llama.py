@@ -129,12 +129,26 @@ class LlamaAttention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             q = apply_rotary(self.q_norm(q), *cos_sin)
             k = apply_rotary(self.k_norm(k), *cos_sin)
+        elif rotates_in_c(qkv):  # the same values in one C pass (a third of torch's time)
+            q, k = cpu_decode.rotate_qk(
+                qkv, cos_sin, self.num_heads, self.num_kv_heads, self.head_dim
+            )
         else:  # Q and K sit side by side in the fused output: rotate them in one go
             q, k = apply_rotary(qk, *cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         out = self.attend(q, k, v, kv_cache, meta, self.scale)
         out = self.o_proj(out.reshape(-1, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
+
+
+def rotates_in_c(qkv: torch.Tensor) -> bool:
+    """Whether a fused projection's q and k can rotate in C: float32 rows on the CPU."""
+    return (
+        qkv.device.type == "cpu"
+        and qkv.dtype == torch.float32
+        and qkv.stride(1) == 1
+        and cpu_decode.rotate_qk_kernel() is not None
+    )
 
 
 def use_attention_backend(model: nn.Module, backend: AttentionBackend) -> None:
@@ -245,7 +259,9 @@ class LlamaDecoderLayer(nn.Module):
         """The layer for a decode-only step, updating `hidden` in place: norm + QKV, rotary +
         KV write + attention, O + residual, norm + gate/up, SiLU·mul + down + residual.
         At batch 1 the ~20 torch calls these replace cost more than their arithmetic; at
-        64 rows torch's elementwise ops on 2 threads cost as much again as in C."""
+        64 rows torch's elementwise ops on 2 threads cost as much again as in C. (A prefill
+        chunk keeps torch's norms and SiLU: on 2,048 rows its vectorised ops took as long
+        as these scalar C loops, BENCHMARKS.md issue 12; its rotary is C's.)"""
         qkv_w, o_w, gate_up_w, down_w, norm_1, norm_2, heads, scale = self.decode_parts  # type: ignore[misc]
         tokens = hidden.shape[0]
         qkv = torch.empty(tokens, qkv_w.shape[0])
@@ -284,27 +300,35 @@ class LlamaForCausalLM(nn.Module):
             self.embed_tokens(input_ids) if tp is None else tp.embed(self.embed_tokens, input_ids)
         )
         cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
-        layers = self.layers
-        if (
+        fused = (
             self.fused_decode
             and meta.decode_only
             and not meta.groups  # one step struct serves every layer: one block table
             and cpu_decode.supports(hidden, kv_caches[0])
-        ):
-            exact = self.lm_head.exact
-            if hidden.shape[0] <= MAX_ROWS and decode_layer.available():  # one call a layer
-                step = decode_layer.DecodeStep(cos_sin, meta)
-                for layer, kv_cache in zip(layers, kv_caches, strict=True):
-                    hidden = layer.decode_call(kv_cache)(hidden, step, exact)
+        )
+        exact = self.lm_head.exact
+        if fused and hidden.shape[0] <= MAX_ROWS and decode_layer.available():
+            step = decode_layer.DecodeStep(cos_sin, meta)
+            return self.decode_stack(kv_caches)(hidden, step, exact)  # one call, normed too
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            if fused:  # more rows than one call takes: five C calls a layer
+                hidden = layer.fused_decode(hidden, cos_sin, kv_cache, meta, exact)
             else:
-                for layer, kv_cache in zip(layers, kv_caches, strict=True):
-                    hidden = layer.fused_decode(hidden, cos_sin, kv_cache, meta, exact)
-        else:
-            for layer, kv_cache in zip(layers, kv_caches, strict=True):
                 hidden = layer(hidden, cos_sin, kv_cache, meta.for_group(kv_cache.group))
         return self.norm(hidden)
 
     fused_decode = False  # every layer can run decode steps as C calls (set at load)
+    _decode_stack: decode_layer.DecodeStack | None = None
+
+    def decode_stack(self, kv_caches: list[KVCache]) -> decode_layer.DecodeStack:
+        """Every layer's one-call decode for these caches and the final norm, packed once."""
+        stack = self._decode_stack
+        if stack is None or stack.kv_caches is not kv_caches:
+            calls = [layer.decode_call(c) for layer, c in zip(self.layers, kv_caches, strict=True)]
+            final_norm = (self.norm.weight, self.norm.eps)
+            stack = self._decode_stack = decode_layer.DecodeStack(calls, kv_caches, final_norm)
+        return stack
+
     tensor_parallel: TensorParallel | None = None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
