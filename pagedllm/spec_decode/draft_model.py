@@ -26,6 +26,7 @@ from pagedllm.config import SpeculativeConfig
 from pagedllm.core.sched_output import NewRequestData, ScheduledRequest, SchedulerOutput
 from pagedllm.model.loader import load_model
 from pagedllm.request import Request
+from pagedllm.sample.sampler import greedy_tokens
 from pagedllm.spec_decode.backoff import Backoff
 from pagedllm.spec_decode.proposer import PENDING_DRAFT, decodes_next
 from pagedllm.worker.kv_cache import copy_blocks
@@ -149,7 +150,7 @@ class DraftModelProposer:
         hidden = self.model(ids, meta.positions, self.kv_caches, meta)
         rows = batch.sampled_rows or list(range(len(batch.token_ids)))
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return logits.argmax(dim=-1).tolist()
+        return greedy_tokens(logits).tolist()
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         """Keep the draft's KV of the accepted drafts: the positions up to the last

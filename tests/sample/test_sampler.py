@@ -324,3 +324,22 @@ def test_a_constraint_that_allows_only_eos_outranks_min_tokens():
     meta.allowed_bitmask = bitmask
     out = Sampler(torch.Generator().manual_seed(0))(logits, meta).sampled_token_ids.tolist()
     assert out == [2, 7]
+
+
+def test_greedy_tokens_are_torchs_argmax_with_ties_nans_and_infinities():
+    """The numpy argmax the CPU uses picks what torch's does: the first of tied maxima,
+    the first NaN, index 0 of a row that is all -inf."""
+    from pagedllm.sample.sampler import greedy_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 49152, generator=generator)
+    logits[1, [7, 70, 700]] = 50.0  # ties
+    logits[2, [9, 30_000]] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 123] = float("inf")
+    logits[5] = 0.0
+    expected = logits.argmax(dim=-1)
+    assert torch.equal(greedy_tokens(logits), expected)
+    assert greedy_tokens(logits).tolist() == [int(expected[0]), 7, 9, 0, 123, 0]
+    assert torch.equal(greedy_tokens(logits[:, ::2]), logits[:, ::2].argmax(dim=-1))  # strided
+    assert greedy_tokens(logits).dtype == torch.int64
