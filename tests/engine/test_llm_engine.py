@@ -254,6 +254,24 @@ def test_prefix_cache_hit_on_shared_512_token_prefix(llm, tokenizer):
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 
+def test_a_prefix_hit_answers_as_the_whole_prefill_did_on_the_fast_path():
+    """The second time a conversation comes, a cache hit leaves only its last partial
+    block to compute: a few rows. They must be computed as the whole prefill computed
+    them (the norms that small batches once took in C differed by a rounding, which the
+    int8 activations amplified: "The capital of France is Paris." became French)."""
+    llm = LLM(kv_cache_memory=0.25, seed=0)  # the default fast path: int8 activations
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    first = llm.chat(messages, params, use_tqdm=False)[0]
+    second = llm.chat(messages, params, use_tqdm=False)[0]
+    assert second.num_cached_tokens > 0 and first.num_cached_tokens == 0
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    assert "Paris" in first.outputs[0].text
+
+
 def test_bad_input_is_refused_and_engine_keeps_serving(llm):
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)

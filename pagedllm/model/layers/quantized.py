@@ -84,24 +84,6 @@ def kernels(level: str | None = None) -> Kernels | None:
     return Kernels(matmul, dequant, prepare, repack, level)
 
 
-def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMSNorm of float32 rows [M, K] on the CPU by the C code the block kernels norm their
-    inputs with (the same values), or None without the kernels. For a decode step's few
-    rows: there torch's op costs ~50 µs in a step against ~8 µs alone, its code evicted
-    by the layers' weights (BENCHMARKS.md, issue 12)."""
-    k = kernels()
-    if k is None:
-        return None
-    out = torch.empty_like(x)
-    status = k.prepare(
-        x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], RMS_NORM, weight.data_ptr(), eps,
-        out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"RMSNorm of {tuple(x.shape)} failed ({status})")
-    return out
-
-
 def _row_address(array: torch.Tensor, row: int) -> int:
     """Where row `row` of a 2-D array starts (what array[row:].data_ptr() gives, without
     making the view: three of them cost ~5 µs of a batch-1 step's embedding lookup)."""

@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.model.layers.quantized import SMALL_BATCH, rms_norm_rows
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (no mean subtraction, no bias)."""
@@ -19,10 +17,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.float32:  # one fused op for the same math
-            if x.dim() == 2 and x.shape[0] <= SMALL_BATCH and x.device.type == "cpu":
-                out = rms_norm_rows(x.contiguous(), self.weight, self.eps)  # a decode step's
-                if out is not None:
-                    return out
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
