@@ -46,7 +46,8 @@ def test_one_call_layer_equals_the_five_calls(model_f32, exact, kv_dtype):
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "int8"])
 def test_the_whole_stack_in_one_call_equals_layer_by_layer_then_the_final_norm(model_f32, exact):
     """`decode_stack`: every layer and the model's final norm in one C call, as a batch-1
-    decode step runs, equal to the layers one by one followed by `model.norm`."""
+    decode step runs, equal to the layers one by one followed by `model.norm` (the same
+    caches bit for bit, the same outputs to float rounding)."""
     model = model_f32
     c = model.config
     lengths, tables = [33, 5], [[0, 1, 2], [3]]
@@ -66,6 +67,7 @@ def test_the_whole_stack_in_one_call_equals_layer_by_layer_then_the_final_norm(m
     caches_c, hidden_c = [clone_cache(kv) for kv in caches], hidden.clone()
     model.decode_stack(caches_c)(hidden_c, decode_layer.DecodeStep(cos_sin, meta), exact)
 
-    assert torch.equal(hidden_c, expected)
+    # the layers are the same C code; the final norm is C's, torch's op only to rounding
+    torch.testing.assert_close(hidden_c, expected, rtol=1e-5, atol=1e-5)
     assert all(caches_equal(a, b) for a, b in zip(caches_c, caches_python, strict=True))
     model._decode_stack = None  # the session's model keeps no struct of these caches
