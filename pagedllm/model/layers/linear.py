@@ -76,11 +76,14 @@ class Linear(nn.Module):
             w = self.weight
             bias = None if self.bias is None else self.bias.to(w.dtype)
             return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
+        parts = self.quantized_parts
+        if len(parts) == 1 and self.bias is None and x.dtype == torch.float32:  # decode's path
+            if x.dim() == 2:  # rows as they are: no reshape or view (a batch-1 LM head's)
+                return parts[0].matmul(x, exact=self.exact)
+            shape = x.shape
+            return parts[0].matmul(x.reshape(-1, shape[-1]), exact=self.exact).view(*shape[:-1], -1)
         shape = x.shape
         x32 = x.reshape(-1, shape[-1]).float()
-        parts = self.quantized_parts
-        if len(parts) == 1 and self.bias is None and x.dtype == torch.float32:
-            return parts[0].matmul(x32, exact=self.exact).view(*shape[:-1], -1)  # decode's path
         y = torch.empty(x32.shape[0], self.out_features, dtype=torch.float32)
         col = 0
         for part in self.quantized_parts:

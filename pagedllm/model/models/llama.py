@@ -333,15 +333,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the rows that sample (the caller selects them first)."""
-        head = self.lm_head.quantized_parts
-        if (  # a decode step's few rows straight to the block kernel: no Linear dispatch
-            len(head) == 1
-            and isinstance(head[0], QuantizedWeight)
-            and hidden.shape[0] <= MAX_ROWS
-            and hidden.dtype == torch.float32
-            and self.tensor_parallel is None
-        ):
-            return head[0].matmul(hidden, exact=self.lm_head.exact)
         logits = self.lm_head(hidden).float()
         tp = self.tensor_parallel
         return logits if tp is None else tp.gather_logits(logits, self.config.vocab_size)
